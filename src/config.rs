@@ -1,0 +1,219 @@
+//! Server settings: built-in defaults, overridden by a TOML file, overridden by flags and
+//! `COUNTERSIGN_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::telemetry::LogFormat;
+use crate::workflow::DecisionTimes;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_DATA_DIR: &str = "./data";
+pub const DEFAULT_POLICIES: &str = "./policies";
+/// Largest request the server decodes. CheckAction's own field limits add up to well under
+/// this; anything larger is RESOURCE_EXHAUSTED before it is parsed.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Concurrent HTTP/2 streams per connection; more wait in the client.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// Everything `serve` needs, fully resolved.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub policies: PathBuf,
+    pub log_format: LogFormat,
+    pub times: DecisionTimes,
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+}
+
+impl ServerConfig {
+    /// Defaults for a data and policy directory; what tests and embedders start from.
+    pub fn new(data_dir: impl Into<PathBuf>, policies: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: data_dir.into(),
+            policies: policies.into(),
+            log_format: LogFormat::Text,
+            times: DecisionTimes::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config file {path}: {field}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        problem: String,
+    },
+}
+
+/// The config file's shape. Every field is optional; unknown fields are refused so a typo
+/// never silently falls back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub policies: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    #[serde(default)]
+    pub decisions: DecisionsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionsSection {
+    /// How long an action may stay pending when its policy sets no `ttl` (e.g. `1h`).
+    pub default_pending_ttl: Option<String>,
+    /// How long an allowed or approved action may still be started (e.g. `15m`).
+    pub approval_validity: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_message_bytes: Option<usize>,
+    pub max_concurrent_streams: Option<u32>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+}
+
+/// Flag and environment values; `None` where the operator gave none.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub policies: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+}
+
+fn duration(path: &Path, field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let parsed = humantime::parse_duration(value).map_err(|e| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        field,
+        problem: format!("`{value}` is not a duration like `30m` or `1h`: {e}"),
+    })?;
+    if parsed.is_zero() {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            problem: "must be longer than zero".into(),
+        });
+    }
+    Ok(parsed)
+}
+
+/// Resolves defaults ← file ← overrides.
+pub fn resolve(
+    file: Option<(&Path, ConfigFile)>,
+    overrides: Overrides,
+) -> Result<ServerConfig, ConfigError> {
+    let mut config = ServerConfig::new(DEFAULT_DATA_DIR, DEFAULT_POLICIES);
+    if let Some((path, file)) = file {
+        config.listen = file.listen.unwrap_or(config.listen);
+        config.data_dir = file.data_dir.unwrap_or(config.data_dir);
+        config.policies = file.policies.unwrap_or(config.policies);
+        config.log_format = file.log_format.unwrap_or(config.log_format);
+        if let Some(v) = &file.decisions.default_pending_ttl {
+            config.times.default_pending_ttl = duration(path, "decisions.default_pending_ttl", v)?;
+        }
+        if let Some(v) = &file.decisions.approval_validity {
+            config.times.approval_validity = duration(path, "decisions.approval_validity", v)?;
+        }
+        if let Some(v) = file.limits.max_message_bytes {
+            if !(4096..=16 * 1024 * 1024).contains(&v) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "limits.max_message_bytes",
+                    problem: "must be between 4096 and 16777216".into(),
+                });
+            }
+            config.max_message_bytes = v;
+        }
+        if let Some(v) = file.limits.max_concurrent_streams {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "limits.max_concurrent_streams",
+                    problem: "must be at least 1".into(),
+                });
+            }
+            config.max_concurrent_streams = v;
+        }
+    }
+    config.listen = overrides.listen.unwrap_or(config.listen);
+    config.data_dir = overrides.data_dir.unwrap_or(config.data_dir);
+    config.policies = overrides.policies.unwrap_or(config.policies);
+    config.log_format = overrides.log_format.unwrap_or(config.log_format);
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let file: ConfigFile = toml::from_str(
+            r#"
+            listen = "127.0.0.1:6000"
+            data_dir = "/var/lib/countersign"
+            [decisions]
+            default_pending_ttl = "2h"
+            "#,
+        )
+        .unwrap();
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Default::default()
+        };
+        let config = resolve(Some((Path::new("c.toml"), file)), overrides).unwrap();
+        assert_eq!(config.listen.port(), 7000);
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/countersign"));
+        assert_eq!(config.policies, PathBuf::from(DEFAULT_POLICIES));
+        assert_eq!(config.times.default_pending_ttl, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_are_refused() {
+        assert!(toml::from_str::<ConfigFile>("listne = \"127.0.0.1:1\"").is_err());
+        let file: ConfigFile = toml::from_str("[decisions]\napproval_validity = \"soon\"").unwrap();
+        let err = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("decisions.approval_validity"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! The `countersign` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use countersign::config::{self, ConfigFile, Overrides};
+use countersign::server;
+use countersign::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "countersign",
+    version,
+    about = "A human signature on every privileged action an AI agent wants to take."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server on its embedded event log and the policy directory.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on. Only loopback addresses are allowed until authentication is configured.
+    #[arg(long, env = "COUNTERSIGN_LISTEN", value_name = "ADDR", help = format!("Address to listen on [default: {}]", config::DEFAULT_LISTEN))]
+    listen: Option<SocketAddr>,
+    /// Directory of the sled event log (created if missing).
+    #[arg(long, env = "COUNTERSIGN_DATA_DIR", value_name = "DIR", help = format!("Directory of the sled event log, created if missing [default: {}]", config::DEFAULT_DATA_DIR))]
+    data_dir: Option<PathBuf>,
+    /// Directory of `*.yaml` policy files.
+    #[arg(long, env = "COUNTERSIGN_POLICIES", value_name = "DIR", help = format!("Directory of *.yaml policy files [default: {}]", config::DEFAULT_POLICIES))]
+    policies: Option<PathBuf>,
+    /// TOML config file for everything else (see countersign.example.toml).
+    #[arg(long, env = "COUNTERSIGN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, env = "COUNTERSIGN_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let file = match &args.config {
+        None => None,
+        Some(path) => match ConfigFile::load(path) {
+            Ok(file) => Some((path.as_path(), file)),
+            Err(e) => return fail(&e),
+        },
+    };
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        policies: args.policies,
+        log_format: args.log_format,
+    };
+    let config = match config::resolve(file, overrides) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    telemetry::init_logging(config.log_format);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&e),
+    };
+    let result = runtime.block_on(async {
+        let signal = shutdown_signal()
+            .map_err(|e| server::ServeError::Startup(format!("cannot handle signals: {e}")))?;
+        let running = server::start(config).await?;
+        running.run_until(signal).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// One line on stderr a person can act on, and a failing exit code.
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("countersign: {error}");
+    ExitCode::from(2)
+}
+
+/// Resolves on Ctrl-C or SIGTERM. Handlers are registered when this is called, not when
+/// the future is first polled, so a signal sent right after start-up is never missed.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            tracing::info!("shutdown requested");
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown requested");
+        })
+    }
+}

@@ -1,0 +1,274 @@
+//! Assembles and runs the gRPC server: listener, authentication, services, health,
+//! reflection, and graceful shutdown.
+//!
+//! [`start`] returns once the server is listening, with a [`RunningServer`] that owns the
+//! serving task. [`RunningServer::stop`] stops accepting calls, lets in-flight calls
+//! finish, and returns only after the ledger has flushed and released the data directory,
+//! so the same directory can be opened again at once (restarts in tests, upgrades).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
+use crate::auth::{AuthLayer, DevelopmentIdentity};
+use crate::config::ServerConfig;
+use crate::ledger::{Ledger, LedgerError, ReplayReport};
+use crate::policy::{PolicyError, PolicySet};
+use crate::proto;
+use crate::proto::action_gate_server::ActionGateServer;
+use crate::proto::audit_service_server::AuditServiceServer;
+use crate::proto::policy_service_server::PolicyServiceServer;
+use crate::proto::review_service_server::ReviewServiceServer;
+
+/// How long `stop` waits for the last holders of the ledger (in-flight calls) to let go.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0}: development identity mode trusts any caller, so it is only allowed on a loopback address (127.0.0.1 or [::1]); configure authentication and TLS to listen elsewhere"
+    )]
+    InsecureListen(SocketAddr),
+    #[error("invalid policies: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("start-up was interrupted: {0}")]
+    Startup(String),
+    #[error("the ledger was still in use {0:?} after shutdown")]
+    LedgerNotReleased(Duration),
+}
+
+/// A server that is accepting calls.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    replay: ReplayReport,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningServer {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// What start-up found in the event log.
+    pub fn replay_report(&self) -> &ReplayReport {
+        &self.replay
+    }
+
+    /// Stops gracefully and waits until the data directory is released.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.wait().await
+    }
+
+    /// Runs until the server ends (after `stop`, or a fatal error).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(ServeError::Startup(format!("the serving task failed: {e}"))),
+        }
+    }
+
+    /// Stops when `signal` completes.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let shutdown = self.shutdown.take();
+        tokio::select! {
+            result = &mut self.task => {
+                return result.unwrap_or_else(|e| Err(ServeError::Startup(e.to_string())));
+            }
+            () = signal => {}
+        }
+        if let Some(shutdown) = shutdown {
+            let _ = shutdown.send(());
+        }
+        self.wait().await
+    }
+}
+
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
+    if !config.listen.ip().is_loopback() {
+        return Err(ServeError::InsecureListen(config.listen));
+    }
+    // Loading compiles every rule on a thread of its own; keep it off the async workers.
+    let policy_dir = config.policies.clone();
+    let policies = tokio::task::spawn_blocking(move || PolicySet::load_dir(&policy_dir))
+        .await
+        .map_err(|e| ServeError::Startup(e.to_string()))??;
+    tracing::info!(
+        directory = %config.policies.display(),
+        version = %policies.version(),
+        rules = policies.rule_count(),
+        "policies loaded"
+    );
+
+    let data_dir = config.data_dir.clone();
+    let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir))
+        .await
+        .map_err(|e| ServeError::Startup(e.to_string()))??;
+    log_replay(&config, &replay);
+
+    tracing::warn!(
+        "DEVELOPMENT IDENTITY MODE: callers name themselves with x-countersign-* metadata; \
+         nothing is authenticated. Loopback only; every event records `development-header`."
+    );
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let ledger = Arc::new(ledger);
+    let ledger_released: Weak<Ledger> = Arc::downgrade(&ledger);
+    let core = Arc::new(Core {
+        ledger,
+        policies: Arc::new(CurrentPolicies::new(config.policies.clone(), policies)),
+        times: config.times,
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ReviewServiceServer<ReviewApi>>().await;
+    health.set_serving::<AuditServiceServer<AuditApi>>().await;
+    health.set_serving::<PolicyServiceServer<PolicyApi>>().await;
+    if replay.integrity_problem.is_some() {
+        // Still reachable so auditors can investigate; health says it will not decide.
+        health
+            .set_not_serving::<ActionGateServer<ActionGateApi>>()
+            .await;
+    } else {
+        health
+            .set_serving::<ActionGateServer<ActionGateApi>>()
+            .await;
+    }
+
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+
+    let auth = AuthLayer::new(Arc::new(DevelopmentIdentity));
+    let max = config.max_message_bytes;
+    let action_gate =
+        ActionGateServer::new(ActionGateApi::new(core.clone())).max_decoding_message_size(max);
+    let review =
+        ReviewServiceServer::new(ReviewApi::new(core.clone())).max_decoding_message_size(max);
+    let audit = AuditServiceServer::new(AuditApi::new(core.clone())).max_decoding_message_size(max);
+    let policy =
+        PolicyServiceServer::new(PolicyApi::new(core.clone())).max_decoding_message_size(max);
+    drop(core);
+
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            action_gate,
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            review,
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            audit,
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            policy, auth,
+        ));
+
+    let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+    let incoming = TcpListenerStream::new(listener);
+    tracing::info!(address = %local_addr, "countersign is serving");
+    let task = tokio::spawn(async move {
+        let served = router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = shutdown_signal.await;
+            })
+            .await;
+        drop(health);
+        wait_for_release(ledger_released).await?;
+        tracing::info!("countersign stopped; event log flushed");
+        served.map_err(ServeError::from)
+    });
+
+    Ok(RunningServer {
+        local_addr,
+        replay,
+        shutdown: Some(shutdown),
+        task,
+    })
+}
+
+/// Reflection describes every service the server offers, so grpcurl and buf need no files.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
+/// Waits until nothing holds the ledger any more, i.e. its writer has flushed and the
+/// data directory is closed.
+async fn wait_for_release(ledger: Weak<Ledger>) -> Result<(), ServeError> {
+    let started = tokio::time::Instant::now();
+    while ledger.strong_count() > 0 {
+        if started.elapsed() > RELEASE_TIMEOUT {
+            return Err(ServeError::LedgerNotReleased(RELEASE_TIMEOUT));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+fn log_replay(config: &ServerConfig, replay: &ReplayReport) {
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        events = replay.events,
+        actions = replay.actions,
+        head_sequence = replay.verification.head_sequence,
+        head_hash = %hex::encode(replay.verification.head_hash),
+        "event log replayed"
+    );
+    if let Some(problem) = &replay.integrity_problem {
+        tracing::error!(
+            problem = %problem,
+            first_bad_sequence = ?replay.verification.first_bad_sequence,
+            "EVENT LOG FAILED VERIFICATION: countersign refuses new actions until an operator investigates"
+        );
+    }
+}

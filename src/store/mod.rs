@@ -1,0 +1,650 @@
+//! The event log: an append-only, hash-chained record of everything countersign decides.
+//!
+//! It is the source of truth. In-memory state is rebuilt from it at start-up, and auditors read
+//! and verify it. It is generic: events are a kind, a time, an actor, an optional action id and a
+//! JSON payload, and this module knows nothing about what they mean.
+//!
+//! # On-disk layout (sled 0.34)
+//!
+//! Tree `events`, one entry per event:
+//! - key: the sequence number as 8 bytes big-endian. Sequences start at 1 and have no gaps.
+//! - value: `hash (32 raw bytes) || body`, where `body` is compact UTF-8 JSON with exactly these
+//!   fields in this order:
+//!   `{"sequence":42,"kind":"action.requested","time":"2025-01-02T03:04:05.123456789Z",
+//!   "actor":"agent-7","action_id":"0190…-…"|null,"payload":{…},"prev_hash":"<64 hex digits>"}`.
+//!   `time` is UTC with nine fractional digits; object keys inside `payload` are sorted (serde_json
+//!   without `preserve_order`, which must stay off).
+//! - `hash = SHA-256(prev_hash as 32 raw bytes || body)`; event 1's `prev_hash` is 32 zero bytes.
+//!
+//! The body is stored verbatim and verification hashes exactly the stored bytes, so the encoding
+//! only has to be deterministic when written, never re-created when read.
+//!
+//! Tree `meta`, key `head`: `sequence (8 bytes big-endian) || hash (32 bytes)` of the last event.
+//! It is absent while the log is empty and is written in the same sled transaction as the events.
+//!
+//! A test can tamper with a stopped server's data directory through sled itself (once the server
+//! process has exited, which releases sled's lock): `sled::open(dir)?.open_tree("events")?`, get
+//! key `sequence.to_be_bytes()`, change byte `32 + offset_in_body` (or a byte below 32 to change
+//! the stored hash), insert it back and flush.
+//!
+//! # What the chain detects, and what it cannot
+//!
+//! [`EventLog::verify`] walks from event 1 and reports the first event that was changed (its hash
+//! no longer matches its bytes), removed (a gap, or the next event no longer links to it), moved
+//! or swapped (stored under the wrong key, or linked to the wrong predecessor), and any
+//! disagreement between the last event and the head record (events cut from the end). It proves
+//! each body is byte for byte what `append` wrote by hashing it, and decodes a body only to
+//! explain a problem; `append` reads every event back before writing it, so an unchanged body
+//! always decodes. [`EventLog::iter_from`] makes the same checks and also decodes every event.
+//!
+//! It cannot detect an attacker with write access who rewrites an event and every event after
+//! it, recomputes their hashes and updates the head record: the result is a valid chain. Nor can
+//! it tell a deleted directory from a new one. Both need an anchor outside this database:
+//! `verify` returns the head sequence and hash, and an auditor who keeps them elsewhere
+//! (a ticket, a signed message, another system) can later check that the log still leads to them.
+//!
+//! # Writing
+//!
+//! One writer thread calls [`EventLog::append`] once per batch (group commit happens one level
+//! up). Each batch is one sled transaction over `events` and `meta`, then one synchronous
+//! `Db::flush`, so a batch is entirely durable or entirely absent. `flush_async` is never used:
+//! concurrent calls deadlock in sled 0.34 (sled issue 1308).
+//!
+//! # Opening
+//!
+//! sled locks the directory, so only one `EventLog` (in any process) can have it open. Because
+//! sled 0.34 releases that lock a moment after the last handle is dropped, `open` retries a locked
+//! directory for up to a second before giving up with [`StoreError::Open`].
+
+mod chain;
+mod codec;
+mod error;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use uuid::Uuid;
+
+use chain::{Chain, Problem};
+use codec::HASH_LEN;
+pub use error::StoreError;
+
+/// An event as the caller hands it in; the log assigns its sequence and hashes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// A short dotted name such as `action.requested`.
+    pub kind: String,
+    pub time: DateTime<Utc>,
+    pub actor: String,
+    pub action_id: Option<Uuid>,
+    pub payload: serde_json::Value,
+}
+
+/// An event as stored, with its place in the chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub sequence: u64,
+    pub kind: String,
+    pub time: DateTime<Utc>,
+    pub actor: String,
+    pub action_id: Option<Uuid>,
+    pub payload: serde_json::Value,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// The outcome of [`EventLog::verify`].
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub struct VerifyReport {
+    pub ok: bool,
+    /// Events that passed every check before the first problem (all of them when `ok`).
+    pub events_checked: u64,
+    /// The first sequence number the log can no longer vouch for.
+    pub first_bad_sequence: Option<u64>,
+    /// What is wrong there, in words an auditor can act on.
+    pub problem: Option<String>,
+    /// The recorded head: give these two to an auditor to anchor outside this database.
+    pub head_sequence: u64,
+    pub head_hash: [u8; 32],
+}
+
+/// The last event of the log, or `(0, zeros)` when it is empty.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    sequence: u64,
+    hash: [u8; HASH_LEN],
+}
+
+impl Head {
+    const EMPTY: Head = Head {
+        sequence: 0,
+        hash: codec::GENESIS_HASH,
+    };
+}
+
+/// State owned by whoever is appending.
+struct Writer {
+    /// Where the next batch continues the chain. Ahead of `EventLog::durable` only while a batch
+    /// is between its transaction and its flush, or after a flush failed.
+    head: Head,
+    /// Set once writing could lose evidence (a write or flush failed, or the stored log did not
+    /// match its head at open); every later append is refused with this reason.
+    refused: Option<String>,
+}
+
+/// The append-only, hash-chained event log. `Send + Sync`; see the module doc for the layout.
+pub struct EventLog {
+    db: sled::Db,
+    events: sled::Tree,
+    meta: sled::Tree,
+    /// Held for the whole of `append`, so sequence numbers cannot race even if two threads call it.
+    writer: Mutex<Writer>,
+    /// The head of the last batch known durable. Readers look only at this, so they never wait
+    /// for a flush, and never see an event that a crash could still take back (an auditor who saw
+    /// event N, then a different event N after a restart, would be looking at a fork).
+    durable: RwLock<Head>,
+    /// Set at open when the end of the stored log disagrees with the head record. Appends are then
+    /// refused (they would overwrite or bury the evidence) and reads see every stored event.
+    mismatch: Option<Problem>,
+    /// The head record as read at open, compared with the log by `verify` after a mismatch.
+    recorded_at_open: Result<Option<(u64, [u8; HASH_LEN])>, String>,
+}
+
+impl EventLog {
+    /// Opens (or creates) the log in `dir`.
+    ///
+    /// A log whose stored events disagree with the head record still opens: [`EventLog::verify`]
+    /// reports the problem and the caller decides. Appends to such a log are refused.
+    pub fn open(dir: &Path) -> Result<EventLog, StoreError> {
+        let open_err = |error: sled::Error| StoreError::Open {
+            path: dir.to_path_buf(),
+            hint: open_hint(&error),
+            error,
+        };
+        let db = open_sled(dir).map_err(open_err)?;
+        let events = db.open_tree("events").map_err(open_err)?;
+        let meta = db.open_tree("meta").map_err(open_err)?;
+
+        let recorded = match meta.get(codec::HEAD_KEY).map_err(open_err)? {
+            None => Ok(None),
+            Some(v) => codec::decode_head(&v)
+                .map(Some)
+                .ok_or_else(|| format!("it is {} bytes instead of {}", v.len(), 8 + HASH_LEN)),
+        };
+        let last = events.last().map_err(open_err)?;
+        let mismatch = match &last {
+            None => chain::compare_head((0, codec::GENESIS_HASH), &recorded),
+            Some((key, value)) => match (codec::decode_key(key), value.first_chunk::<HASH_LEN>()) {
+                (Some(seq), Some(hash)) => chain::compare_head((seq, *hash), &recorded),
+                (None, _) => Some(Problem {
+                    sequence: 0,
+                    message: format!(
+                        "the last key of the log (0x{}) is not a sequence number (the log was \
+                         edited outside countersign)",
+                        hex::encode(key)
+                    ),
+                }),
+                (Some(seq), None) => Some(Problem {
+                    sequence: seq,
+                    message: format!(
+                        "event {seq}: its stored value is {} bytes, too short to hold a hash",
+                        value.len()
+                    ),
+                }),
+            },
+        };
+        // After a mismatch the head record is what the log claims to be; without one, the end
+        // of the stored log is the best available answer for `last_sequence`.
+        let head = match (&recorded, &last) {
+            (Ok(Some((sequence, hash))), _) => Head {
+                sequence: *sequence,
+                hash: *hash,
+            },
+            (_, Some((key, value))) => Head {
+                sequence: codec::decode_key(key).unwrap_or(0),
+                hash: value
+                    .first_chunk::<HASH_LEN>()
+                    .copied()
+                    .unwrap_or(codec::GENESIS_HASH),
+            },
+            _ => Head::EMPTY,
+        };
+        let refused = mismatch.as_ref().map(|p| {
+            format!(
+                "the stored log does not match its head record ({}); run verify and investigate \
+                 before writing to it",
+                p.message
+            )
+        });
+        Ok(EventLog {
+            db,
+            events,
+            meta,
+            writer: Mutex::new(Writer { head, refused }),
+            durable: RwLock::new(head),
+            mismatch,
+            recorded_at_open: recorded,
+        })
+    }
+
+    /// Appends a batch atomically and makes it durable before returning, with one flush.
+    ///
+    /// Single-writer by design (one thread does group commit); concurrent callers are serialised.
+    /// Returns the events as stored, exactly as later reads will return them. An empty batch
+    /// writes nothing. After a failed write or flush every later append is refused: whether the
+    /// failed batch reached the disk is unknown, and continuing could fork the chain.
+    pub fn append(&self, events: Vec<NewEvent>) -> Result<Vec<StoredEvent>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut writer = self.writer.lock().map_err(|_| StoreError::WritesRefused {
+            reason: "an earlier append panicked; restart the server".to_owned(),
+        })?;
+        if let Some(reason) = &writer.refused {
+            return Err(StoreError::WritesRefused {
+                reason: reason.clone(),
+            });
+        }
+
+        let mut head = writer.head;
+        let mut values = Vec::with_capacity(events.len());
+        let mut stored = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            let sequence =
+                head.sequence
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::WritesRefused {
+                        reason: "sequence numbers are exhausted".to_owned(),
+                    })?;
+            let (value, event) = codec::encode(sequence, event, &head.hash)
+                .map_err(|problem| StoreError::Encode { index, problem })?;
+            head = Head {
+                sequence,
+                hash: event.hash,
+            };
+            values.push((sequence.to_be_bytes(), value));
+            stored.push(event);
+        }
+        let head_record = codec::encode_head(head.sequence, &head.hash);
+
+        let committed: Result<(), TransactionError<u64>> =
+            (&self.events, &self.meta).transaction(|(tx_events, tx_meta)| {
+                for (key, value) in &values {
+                    // Append-only, enforced: a key that is already taken means the log and the
+                    // writer disagree, and overwriting would destroy whatever is stored there.
+                    if tx_events.insert(&key[..], value.as_slice())?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(u64::from_be_bytes(
+                            *key,
+                        )));
+                    }
+                }
+                tx_meta.insert(codec::HEAD_KEY, &head_record[..])?;
+                Ok(())
+            });
+        match committed {
+            Ok(()) => {}
+            Err(TransactionError::Abort(taken)) => {
+                let reason = format!(
+                    "event {taken} is already stored although the head is event {}; the log was \
+                     changed outside this writer, run verify and investigate",
+                    writer.head.sequence
+                );
+                writer.refused = Some(reason.clone());
+                return Err(StoreError::WritesRefused { reason });
+            }
+            Err(TransactionError::Storage(e)) => {
+                writer.refused = Some(format!("an earlier write failed ({e}); restart the server"));
+                return Err(StoreError::Write(e));
+            }
+        }
+        // The batch is in the tree now, so the chain continues from it whatever happens next.
+        writer.head = head;
+        if let Err(e) = self.db.flush() {
+            writer.refused = Some(format!(
+                "flushing events up to {} failed ({e}), so whether they are on disk is unknown; \
+                 restart the server",
+                head.sequence
+            ));
+            return Err(StoreError::Write(e));
+        }
+        *self.durable.write().unwrap_or_else(PoisonError::into_inner) = head;
+        Ok(stored)
+    }
+
+    /// Sequence number of the last durable event; 0 when the log is empty. After a mismatch at
+    /// open it is the head record's claim (or the last stored key when there is no record).
+    pub fn last_sequence(&self) -> u64 {
+        self.durable_head().sequence
+    }
+
+    /// Hash of the last durable event; zeros when the log is empty.
+    pub fn head_hash(&self) -> [u8; 32] {
+        self.durable_head().hash
+    }
+
+    /// One event, with its own hash checked (links to its neighbours are checked by
+    /// [`EventLog::iter_from`] and [`EventLog::verify`]). `Ok(None)` past the end of the log; an
+    /// event missing below the head is `Corrupt`.
+    pub fn get(&self, sequence: u64) -> Result<Option<StoredEvent>, StoreError> {
+        let head = self.durable_head();
+        if sequence == 0 || (self.mismatch.is_none() && sequence > head.sequence) {
+            return Ok(None);
+        }
+        match self
+            .events
+            .get(sequence.to_be_bytes())
+            .map_err(StoreError::Read)?
+        {
+            Some(value) => codec::decode(sequence, &value)
+                .map(Some)
+                .map_err(|problem| StoreError::Corrupt { sequence, problem }),
+            None if sequence <= head.sequence => Err(StoreError::Corrupt {
+                sequence,
+                problem: format!(
+                    "event {sequence} is missing (the head is event {})",
+                    head.sequence
+                ),
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// The events from `sequence` (1 for all) up to the last durable event at the time of the
+    /// call, each checked on its own and against the one before it.
+    ///
+    /// A damaged, missing or misplaced event is an `Err` item, after which the iteration ends:
+    /// the order of anything beyond a break in the chain cannot be trusted.
+    pub fn iter_from(
+        &self,
+        sequence: u64,
+    ) -> impl Iterator<Item = Result<StoredEvent, StoreError>> + '_ {
+        let sequence = sequence.max(1);
+        let chain = if sequence == 1 {
+            Chain::genesis()
+        } else {
+            // Link the first event to its predecessor when that one is intact; if it is not,
+            // the problem belongs to the predecessor, and `verify` reports it.
+            let prev = self
+                .events
+                .get((sequence - 1).to_be_bytes())
+                .ok()
+                .flatten()
+                .and_then(|v| codec::decode(sequence - 1, &v).ok())
+                .map(|e| e.hash);
+            Chain::resume(sequence, prev)
+        };
+        Walk {
+            range: self.events.range(self.read_range(sequence)),
+            chain,
+            done: false,
+        }
+    }
+
+    /// Walks the whole chain from event 1 and compares its end with the head record.
+    ///
+    /// Never panics, and stops at the first problem. Events appended while it runs are not
+    /// included; the report's head is the one verified. Large logs are checked in slices on
+    /// several threads; a slice that does not join cleanly onto the one before is walked again in
+    /// order, so the report is exactly what one walk from event 1 would give.
+    pub fn verify(&self) -> VerifyReport {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.verify_with(
+            threads.min(MAX_VERIFY_THREADS),
+            MIN_EVENTS_PER_VERIFY_THREAD,
+        )
+    }
+
+    /// [`EventLog::verify`] with its parallelism chosen by the caller (tests force slicing).
+    fn verify_with(&self, max_threads: usize, min_events_per_thread: u64) -> VerifyReport {
+        let head = self.durable_head();
+        let (end, recorded) = match &self.mismatch {
+            None => (
+                Bound::Included(head.sequence.to_be_bytes()),
+                Ok(Some((head.sequence, head.hash))),
+            ),
+            Some(_) => (Bound::Unbounded, self.recorded_at_open.clone()),
+        };
+        let (head_sequence, head_hash) = match &recorded {
+            Ok(Some(head)) => *head,
+            _ => (0, codec::GENESIS_HASH),
+        };
+
+        // After a mismatch the end of the log is unknown, so it is walked in one piece.
+        let slices = match self.mismatch {
+            None => self.verify_slices(head.sequence, end, max_threads, min_events_per_thread),
+            Some(_) => Vec::new(),
+        };
+        let mut chain = Chain::genesis();
+        let joined = slices
+            .iter()
+            .all(|(walk, found)| found.is_none() && chain.join(walk));
+        let problem = if joined && !slices.is_empty() {
+            None
+        } else {
+            self.check_range(&mut chain, end)
+        };
+        let problem = problem
+            .or_else(|| chain::compare_head(chain.last(), &recorded))
+            .or_else(|| self.mismatch.clone());
+        VerifyReport {
+            ok: problem.is_none(),
+            events_checked: chain.checked,
+            first_bad_sequence: problem.as_ref().map(|p| p.sequence),
+            problem: problem.map(|p| p.message),
+            head_sequence,
+            head_hash,
+        }
+    }
+
+    /// Checks events 1 to `last` in contiguous slices, one thread each; empty for a small log.
+    /// Slice 0 starts at the very first key so stray keys before event 1 are seen.
+    fn verify_slices(
+        &self,
+        last: u64,
+        end: Bound<[u8; 8]>,
+        max_threads: usize,
+        min_events_per_thread: u64,
+    ) -> Vec<(Chain, Option<Problem>)> {
+        let count = max_threads
+            .min(usize::try_from(last / min_events_per_thread.max(1)).unwrap_or(usize::MAX));
+        if count < 2 {
+            return Vec::new();
+        }
+        let starts: Vec<u64> = (0..count as u64)
+            .map(|i| 1 + i * (last / count as u64))
+            .collect();
+        let slice = |i: usize| {
+            let start = starts[i];
+            let mut chain = Chain::resume(start, (i == 0).then_some(codec::GENESIS_HASH));
+            let upper = match starts.get(i + 1) {
+                Some(next) => Bound::Excluded(next.to_be_bytes()),
+                None => end,
+            };
+            let lower = match i {
+                0 => Bound::Unbounded,
+                _ => Bound::Included(start.to_be_bytes()),
+            };
+            let found = self.walk_checked(&mut chain, self.events.range((lower, upper)));
+            (chain, found)
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..count)
+                .map(|i| {
+                    let run = move || slice(i);
+                    std::thread::Builder::new()
+                        .name("event-log-verify".to_owned())
+                        .spawn_scoped(scope, run)
+                })
+                .collect();
+            let mut slices = vec![slice(0)];
+            for (i, handle) in (1..count).zip(handles) {
+                // A slice that could not run here is simply walked again by the caller.
+                match handle.map_err(drop).and_then(|h| h.join().map_err(drop)) {
+                    Ok(done) => slices.push(done),
+                    Err(()) => {
+                        slices.push((Chain::resume(starts[i], None), None));
+                        break;
+                    }
+                }
+            }
+            slices
+        })
+    }
+
+    /// Continues `chain` in order up to `end`, returning the first problem.
+    fn check_range(&self, chain: &mut Chain, end: Bound<[u8; 8]>) -> Option<Problem> {
+        let start = match chain.next() {
+            1 => Bound::Unbounded,
+            next => Bound::Included(next.to_be_bytes()),
+        };
+        self.walk_checked(chain, self.events.range((start, end)))
+    }
+
+    /// Checks every entry of `range` as a link of the chain, decoding only to explain a problem.
+    fn walk_checked(&self, chain: &mut Chain, range: sled::Iter) -> Option<Problem> {
+        for item in range {
+            let checked = match &item {
+                Ok((key, value)) => chain.check_linked(key, value),
+                // sled could not read further: the first unread event is where trust ends.
+                Err(e) => Err(Problem {
+                    sequence: chain.next(),
+                    message: format!("reading the log failed: {e}"),
+                }),
+            };
+            if let Err(p) = checked {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Makes everything written so far durable. `append` already does this for every batch.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(drop).map_err(StoreError::Write)
+    }
+
+    fn durable_head(&self) -> Head {
+        *self.durable.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keys a read may see from `sequence` on: up to the durable head, or everything stored when
+    /// the log disagreed with its head at open (nothing is appended then, and an investigator
+    /// must see all of it). From 1 the range starts at the very first key, so stray keys sorting
+    /// before event 1 are reported too.
+    fn read_range(&self, sequence: u64) -> (Bound<[u8; 8]>, Bound<[u8; 8]>) {
+        let start = match sequence {
+            0 | 1 => Bound::Unbounded,
+            s => Bound::Included(s.to_be_bytes()),
+        };
+        let end = match self.mismatch {
+            None => Bound::Included(self.durable_head().sequence.to_be_bytes()),
+            Some(_) => Bound::Unbounded,
+        };
+        (start, end)
+    }
+}
+
+/// A checked walk over a key range of `events`; ends after its first error.
+struct Walk {
+    range: sled::Iter,
+    chain: Chain,
+    done: bool,
+}
+
+impl Iterator for Walk {
+    type Item = Result<StoredEvent, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let item = match self.range.next()? {
+            Err(e) => Err(StoreError::Read(e)),
+            Ok((key, value)) => self
+                .chain
+                .check(&key, &value)
+                .map_err(|p| StoreError::Corrupt {
+                    sequence: p.sequence,
+                    problem: p.message,
+                }),
+        };
+        self.done = item.is_err();
+        Some(item)
+    }
+}
+
+/// Verification uses at most this many threads...
+const MAX_VERIFY_THREADS: usize = 8;
+
+/// ...and gives each at least this many events; below that, threads cost more than they save.
+const MIN_EVENTS_PER_VERIFY_THREAD: u64 = 50_000;
+
+/// How long `open` keeps retrying a locked directory. sled 0.34 releases its file lock from
+/// background threads shortly *after* the last `Db` is dropped (sled issues 1234 and 1289), so a
+/// close followed at once by a reopen in the same process can find it still locked. A directory
+/// held by a live server stays locked far longer than this, and still fails.
+const LOCK_RETRY_BUDGET: Duration = Duration::from_secs(1);
+
+/// Opens sled, waiting out the lock a just-dropped `Db` may still hold.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_RETRY_BUDGET;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(e) if is_locked(&e) && Instant::now() + pause < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// sled reports a held lock only as an `Other` I/O error with this text (sled 0.34 `config.rs`).
+fn is_locked(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
+}
+
+/// What an operator should do about an error from opening the data directory.
+fn open_hint(error: &sled::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match error {
+        e if is_locked(e) => {
+            "another process (or another EventLog in this process) has it open; stop that \
+             server first, only one may use a data directory"
+        }
+        sled::Error::Io(e) => match e.kind() {
+            ErrorKind::PermissionDenied => {
+                "permission denied; the server's user needs read and write access to the \
+                 directory and the files in it"
+            }
+            ErrorKind::ReadOnlyFilesystem => "the file system is read-only",
+            ErrorKind::NotADirectory | ErrorKind::AlreadyExists => {
+                "the path exists but is not a directory; point the server at a directory"
+            }
+            ErrorKind::StorageFull => "the disk is full",
+            _ => "check that the path is right and the disk is healthy",
+        },
+        sled::Error::Corruption { .. } => {
+            "sled found its own files damaged; restore the directory from a backup and keep the \
+             damaged copy for investigation"
+        }
+        sled::Error::Unsupported(_) => {
+            "it was written by an incompatible sled version or configuration"
+        }
+        _ => "this is unexpected; keep the directory for investigation",
+    }
+}
+
+/// Compile-time proof that the log can be shared between the gRPC handlers and the writer.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<EventLog>();
+};

@@ -1,0 +1,16 @@
+//! The action state machine, as pure functions over events.
+//!
+//! Every change to an action is an [`ActionEvent`] in the log; an [`ActionRecord`] is only
+//! ever built by applying those events in log order ([`Actions::apply`]). The same code
+//! rebuilds the state at start-up and keeps it current while serving, so the two cannot
+//! drift apart. Nothing here does I/O or reads the clock: time comes in as an argument.
+
+mod check;
+mod digest;
+mod events;
+pub mod record;
+
+pub use check::{DecisionTimes, evaluate_check};
+pub use digest::action_digest;
+pub use events::{ActionEvent, ActionRequested, EventDecodeError, PolicyEvaluated};
+pub use record::{ActionRecord, ActionStatus, Actions};

@@ -1,0 +1,195 @@
+//! Starts the real server on an ephemeral loopback port and builds generated clients that
+//! call it as a given principal.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use countersign::config::ServerConfig;
+use countersign::proto;
+use countersign::proto::action_gate_client::ActionGateClient;
+use countersign::proto::audit_service_client::AuditServiceClient;
+use countersign::proto::review_service_client::ReviewServiceClient;
+use countersign::server::{self, RunningServer};
+use tempfile::TempDir;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// The shipped policy directory.
+pub fn shipped_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// A data directory that outlives server restarts within one test.
+pub struct TestServer {
+    pub data: TempDir,
+    pub policies: PathBuf,
+    pub running: Option<RunningServer>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with_policies(shipped_policies()).await
+    }
+
+    pub async fn start_with_policies(policies: PathBuf) -> TestServer {
+        let data = tempfile::tempdir().expect("temp dir");
+        let mut server = TestServer {
+            data,
+            policies,
+            running: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn config(&self) -> ServerConfig {
+        let mut config = ServerConfig::new(self.data.path().join("log"), &self.policies);
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config
+    }
+
+    /// Stops the server if it runs, then starts it again on the same data directory.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let running = server::start(self.config()).await.expect("server starts");
+        self.running = Some(running);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("server stops cleanly");
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.as_ref().expect("server running").local_addr()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    pub async fn gate(
+        &self,
+        who: &Caller,
+    ) -> ActionGateClient<InterceptedService<Channel, Caller>> {
+        ActionGateClient::with_interceptor(self.channel().await, who.clone())
+    }
+
+    pub async fn review(
+        &self,
+        who: &Caller,
+    ) -> ReviewServiceClient<InterceptedService<Channel, Caller>> {
+        ReviewServiceClient::with_interceptor(self.channel().await, who.clone())
+    }
+
+    pub async fn audit(
+        &self,
+        who: &Caller,
+    ) -> AuditServiceClient<InterceptedService<Channel, Caller>> {
+        AuditServiceClient::with_interceptor(self.channel().await, who.clone())
+    }
+}
+
+/// The identity a client presents (development identity headers).
+#[derive(Clone)]
+pub struct Caller {
+    pub id: Option<&'static str>,
+    pub kind: &'static str,
+    pub groups: &'static str,
+}
+
+impl Caller {
+    pub fn agent(id: &'static str) -> Caller {
+        Caller {
+            id: Some(id),
+            kind: "agent",
+            groups: "",
+        }
+    }
+
+    pub fn human(id: &'static str, groups: &'static str) -> Caller {
+        Caller {
+            id: Some(id),
+            kind: "human",
+            groups,
+        }
+    }
+
+    pub fn anonymous() -> Caller {
+        Caller {
+            id: None,
+            kind: "agent",
+            groups: "",
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Caller {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
+        let metadata = request.metadata_mut();
+        if let Some(id) = self.id {
+            metadata.insert("x-countersign-principal", MetadataValue::from_static(id));
+        }
+        metadata.insert("x-countersign-kind", MetadataValue::from_static(self.kind));
+        if !self.groups.is_empty() {
+            metadata.insert(
+                "x-countersign-groups",
+                MetadataValue::from_static(self.groups),
+            );
+        }
+        Ok(request)
+    }
+}
+
+pub fn string(s: &str) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(s.to_string())),
+    }
+}
+
+pub fn number(n: f64) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(n)),
+    }
+}
+
+pub fn check(
+    action_type: &str,
+    environment: &str,
+    parameters: &[(&str, prost_types::Value)],
+) -> proto::CheckActionRequest {
+    proto::CheckActionRequest {
+        action: Some(proto::Action {
+            r#type: action_type.to_string(),
+            resource: "projects/acme".to_string(),
+            environment: environment.to_string(),
+            parameters: Some(prost_types::Struct {
+                fields: parameters
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            }),
+            purpose: "integration test".to_string(),
+        }),
+        task: Some(proto::Task {
+            task_id: "task-1".to_string(),
+            origin: "tests".to_string(),
+            on_behalf_of: "alice".to_string(),
+            labels: Default::default(),
+        }),
+        idempotency_key: String::new(),
+    }
+}
+
+pub fn write_policy(dir: &Path, file: &str, contents: &str) {
+    std::fs::create_dir_all(dir).expect("policy dir");
+    std::fs::write(dir.join(file), contents).expect("policy file");
+}

@@ -1,0 +1,185 @@
+//! The `countersign` binary as an operator runs it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn countersign() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_countersign"));
+    command.env_remove("RUST_LOG");
+    command
+}
+
+/// Runs `serve` expecting it to refuse, and returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let output = countersign()
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("binary runs");
+    assert_eq!(output.status.code(), Some(2), "serve must refuse");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn an_invalid_policy_file_is_refused_at_start_with_file_rule_and_problem() {
+    let policies = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    common::write_policy(
+        policies.path(),
+        "broken.yaml",
+        r#"
+rules:
+  - name: typo-in-variable
+    expression: acton.type == "db.drop"
+    message: Misspelled.
+    risk: high
+    effect: deny
+"#,
+    );
+
+    let stderr = refused(&[
+        "--policies",
+        policies.path().to_str().unwrap(),
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+
+    assert!(stderr.contains("broken.yaml"), "{stderr}");
+    assert!(stderr.contains("typo-in-variable"), "{stderr}");
+    assert!(stderr.contains("acton"), "{stderr}");
+}
+
+#[test]
+fn a_policy_file_with_an_unknown_field_is_refused() {
+    let policies = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    common::write_policy(
+        policies.path(),
+        "fields.yaml",
+        "rules:\n  - name: r\n    expression: 'true'\n    risk: low\n    effect: allow\n    efect: deny\n",
+    );
+
+    let stderr = refused(&[
+        "--policies",
+        policies.path().to_str().unwrap(),
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+
+    assert!(stderr.contains("fields.yaml"), "{stderr}");
+    assert!(stderr.contains("efect"), "{stderr}");
+}
+
+#[test]
+fn listening_beyond_loopback_without_authentication_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let stderr = refused(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--policies",
+        common::shipped_policies().to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("loopback"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
+
+struct ServeProcess(Child);
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_health_and_stops_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = countersign()
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("COUNTERSIGN_DATA_DIR", data.path())
+        .env("COUNTERSIGN_POLICIES", common::shipped_policies())
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut process = ServeProcess(child);
+
+    let (address, logs) = tokio::task::spawn_blocking(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.expect("log line");
+            seen.push_str(&line);
+            seen.push('\n');
+            let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
+            if entry["fields"]["message"] == "countersign is serving" {
+                let address: SocketAddr = entry["fields"]["address"]
+                    .as_str()
+                    .expect("address field")
+                    .parse()
+                    .expect("address");
+                return (address, seen);
+            }
+        }
+        panic!("server never said it was serving:\n{seen}");
+    })
+    .await
+    .unwrap();
+    assert!(logs.contains("DEVELOPMENT IDENTITY MODE"), "{logs}");
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in [
+        "",
+        "countersign.v1.ActionGate",
+        "countersign.v1.AuditService",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{service}");
+    }
+
+    let pid = process.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            if let Some(status) = process.0.try_wait().expect("wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        exit.and_then(|s| s.code()),
+        Some(0),
+        "graceful exit on SIGTERM"
+    );
+}
