@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 
 use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::store::{EventLog, NewEvent, StoreError, StoredEvent, VerifyReport};
@@ -46,7 +46,7 @@ pub enum LedgerError {
     )]
     WriteFailed(String),
     #[error(
-        "an earlier write to the event log could not be made durable ({0}); countersign refuses new actions until it is restarted"
+        "an earlier write to the event log could not be made durable ({0}); countersign refuses new actions until the cause is fixed and it is restarted"
     )]
     Poisoned(String),
     #[error(
@@ -106,27 +106,45 @@ pub struct Ledger {
 }
 
 /// Why the ledger refuses writes, if it does. Shared with the writer thread.
-#[derive(Default)]
 struct Health {
-    poisoned: AtomicBool,
-    problem: Mutex<Option<LedgerError>>,
+    refusing: AtomicBool,
+    refusal: Mutex<Option<Refusal>>,
+    /// Tells the server (health service) the moment writes start being refused.
+    refusing_watch: watch::Sender<bool>,
+}
+
+#[derive(Clone)]
+enum Refusal {
+    /// The log failed verification at start-up.
+    Integrity(String),
+    /// A batch may have been written but could not be made durable.
+    NotDurable(String),
 }
 
 impl Health {
     fn refuse_writes(&self) -> Option<LedgerError> {
-        if !self.poisoned.load(Ordering::Acquire) {
+        if !self.refusing.load(Ordering::Acquire) {
             return None;
         }
-        Some(match &*self.problem.lock() {
-            Some(LedgerError::IntegrityFailure(p)) => LedgerError::IntegrityFailure(p.clone()),
-            Some(other) => LedgerError::Poisoned(other.to_string()),
+        Some(match self.refusal.lock().clone() {
+            Some(Refusal::Integrity(problem)) => LedgerError::IntegrityFailure(problem),
+            Some(Refusal::NotDurable(problem)) => LedgerError::Poisoned(problem),
             None => LedgerError::Poisoned("unknown".into()),
         })
     }
 
-    fn poison(&self, why: LedgerError) {
-        *self.problem.lock() = Some(why);
-        self.poisoned.store(true, Ordering::Release);
+    fn new() -> Health {
+        Health {
+            refusing: AtomicBool::new(false),
+            refusal: Mutex::new(None),
+            refusing_watch: watch::Sender::new(false),
+        }
+    }
+
+    fn refuse(&self, why: Refusal) {
+        *self.refusal.lock() = Some(why);
+        self.refusing.store(true, Ordering::Release);
+        self.refusing_watch.send_replace(true);
     }
 }
 
@@ -157,9 +175,9 @@ impl Ledger {
             }
         }
 
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new());
         if let Some(problem) = &integrity_problem {
-            health.poison(LedgerError::IntegrityFailure(problem.clone()));
+            health.refuse(Refusal::Integrity(problem.clone()));
         }
         let report = ReplayReport {
             events,
@@ -220,6 +238,11 @@ impl Ledger {
     /// Why writes are refused, if they are.
     pub fn write_refusal(&self) -> Option<LedgerError> {
         self.health.refuse_writes()
+    }
+
+    /// Becomes `true` when the ledger starts refusing writes (and stays so).
+    pub fn watch_refusal(&self) -> watch::Receiver<bool> {
+        self.health.refusing_watch.subscribe()
     }
 
     /// Stops taking commands, lets the writer finish what is queued, and flushes.
@@ -372,10 +395,10 @@ impl Writer {
 
     /// Decides, appends and publishes one batch.
     fn commit(&self, batch: &mut Vec<Command>) {
-        if let Some(refusal) = self.health.refuse_writes() {
-            let message = refusal.to_string();
+        if self.health.refuse_writes().is_some() {
             for Command::RecordCheck { reply, .. } in batch.drain(..) {
-                let _ = reply.send(Err(LedgerError::Poisoned(message.clone())));
+                let refusal = self.health.refuse_writes().unwrap_or(LedgerError::Stopped);
+                let _ = reply.send(Err(refusal));
             }
             return;
         }
@@ -442,8 +465,7 @@ impl Writer {
                 // other failure may have written part of a batch, or left it not durable.
                 if !matches!(error, StoreError::Encode { .. }) {
                     tracing::error!(error = %message, "event log flush failed; refusing all further writes");
-                    self.health
-                        .poison(LedgerError::WriteFailed(message.clone()));
+                    self.health.refuse(Refusal::NotDurable(message.clone()));
                 } else {
                     tracing::error!(error = %message, "event log append failed; nothing was written");
                 }

@@ -157,16 +157,26 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     health.set_serving::<ReviewServiceServer<ReviewApi>>().await;
     health.set_serving::<AuditServiceServer<AuditApi>>().await;
     health.set_serving::<PolicyServiceServer<PolicyApi>>().await;
-    if replay.integrity_problem.is_some() {
-        // Still reachable so auditors can investigate; health says it will not decide.
-        health
-            .set_not_serving::<ActionGateServer<ActionGateApi>>()
-            .await;
-    } else {
-        health
-            .set_serving::<ActionGateServer<ActionGateApi>>()
-            .await;
-    }
+    health
+        .set_serving::<ActionGateServer<ActionGateApi>>()
+        .await;
+    // A ledger that refuses writes (log failed verification, or a write failed) still serves
+    // reads and audits, but health tells load balancers and orchestrators it will not decide.
+    let mut refusing = core.ledger.watch_refusal();
+    let gate_health = health.clone();
+    tokio::spawn(async move {
+        loop {
+            if *refusing.borrow_and_update() {
+                gate_health
+                    .set_not_serving::<ActionGateServer<ActionGateApi>>()
+                    .await;
+                return;
+            }
+            if refusing.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 
     let reflection_v1 = reflection()
         .build_v1()

@@ -6,6 +6,7 @@ mod common;
 use common::{Caller, TestServer, check, string};
 use countersign::proto::{self, ActionStatus};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn verify(server: &TestServer) -> proto::VerifyLogResponse {
     let mut audit = server.audit(&Caller::human("auditor", "audit")).await;
@@ -205,6 +206,10 @@ async fn changing_one_byte_of_a_stored_event_fails_verification_at_that_event() 
         status.message().contains("verification"),
         "{}",
         status.message()
+    );
+    assert_eq!(
+        common::action_gate_health(server.channel().await).await,
+        ServingStatus::NotServing
     );
     // The evidence stays readable.
     assert_eq!(

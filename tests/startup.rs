@@ -2,9 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tonic_health::pb::HealthCheckRequest;
@@ -96,57 +94,22 @@ fn listening_beyond_loopback_without_authentication_is_refused() {
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
 
-struct ServeProcess(Child);
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn the_binary_serves_health_and_stops_cleanly_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
-    let mut child = countersign()
+    let mut command = countersign();
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
         .env("COUNTERSIGN_DATA_DIR", data.path())
-        .env("COUNTERSIGN_POLICIES", common::shipped_policies())
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut process = ServeProcess(child);
+        .env("COUNTERSIGN_POLICIES", common::shipped_policies());
+    let mut process = common::spawn_serve(command).await;
+    assert!(
+        process.startup_logs.contains("DEVELOPMENT IDENTITY MODE"),
+        "{}",
+        process.startup_logs
+    );
 
-    let (address, logs) = tokio::task::spawn_blocking(move || {
-        let mut seen = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let line = line.expect("log line");
-            seen.push_str(&line);
-            seen.push('\n');
-            let entry: serde_json::Value = serde_json::from_str(&line).expect("JSON logs");
-            if entry["fields"]["message"] == "countersign is serving" {
-                let address: SocketAddr = entry["fields"]["address"]
-                    .as_str()
-                    .expect("address field")
-                    .parse()
-                    .expect("address");
-                return (address, seen);
-            }
-        }
-        panic!("server never said it was serving:\n{seen}");
-    })
-    .await
-    .unwrap();
-    assert!(logs.contains("DEVELOPMENT IDENTITY MODE"), "{logs}");
-
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(common::channel_to(process.address).await);
     for service in [
         "",
         "countersign.v1.ActionGate",
@@ -163,12 +126,12 @@ async fn the_binary_serves_health_and_stops_cleanly_on_sigterm() {
         assert_eq!(status, ServingStatus::Serving, "{service}");
     }
 
-    let pid = process.0.id().to_string();
+    let pid = process.child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());
     let exit = tokio::task::spawn_blocking(move || {
         for _ in 0..100 {
-            if let Some(status) = process.0.try_wait().expect("wait") {
+            if let Some(status) = process.child.try_wait().expect("wait") {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));

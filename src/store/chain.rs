@@ -2,7 +2,8 @@
 //! the one before) and the comparison of the log's end with the recorded head.
 //!
 //! Iteration and `verify` share this code, so a replay at start-up and an auditor's
-//! verification can never disagree about what counts as tampering.
+//! verification report tampering in the same words at the same sequence. The one difference:
+//! `verify` does not decode a body whose hash already proves it is what `append` wrote.
 
 use super::StoredEvent;
 use super::codec::{self, HASH_LEN};
@@ -60,8 +61,8 @@ impl Chain {
         self.next
     }
 
-    /// Extends this walk by `later`, a walk that started without a predecessor hash, when
-    /// `later` starts exactly where this one ends and its first event links to this one's last.
+    /// Extends this walk by `later` when `later` starts exactly where this one ends and its first
+    /// event links to this one's last.
     /// Returns false (and changes nothing) otherwise: the caller then walks that part again in
     /// order, so problems are reported exactly as a single walk would report them.
     pub fn join(&mut self, later: &Chain) -> bool {

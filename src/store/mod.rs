@@ -137,6 +137,9 @@ struct Writer {
     /// Set once writing could lose evidence (a write or flush failed, or the stored log did not
     /// match its head at open); every later append is refused with this reason.
     refused: Option<String>,
+    /// A write or flush failed. sled 0.34 then waits forever in any later flush, including
+    /// the one it runs when the last handle to a tree is dropped (see `Drop`).
+    write_failed: bool,
 }
 
 /// The append-only, hash-chained event log. `Send + Sync`; see the module doc for the layout.
@@ -227,7 +230,11 @@ impl EventLog {
             db,
             events,
             meta,
-            writer: Mutex::new(Writer { head, refused }),
+            writer: Mutex::new(Writer {
+                head,
+                refused,
+                write_failed: false,
+            }),
             durable: RwLock::new(head),
             mismatch,
             recorded_at_open: recorded,
@@ -300,6 +307,7 @@ impl EventLog {
                 return Err(StoreError::WritesRefused { reason });
             }
             Err(TransactionError::Storage(e)) => {
+                writer.write_failed = true;
                 writer.refused = Some(format!("an earlier write failed ({e}); restart the server"));
                 return Err(StoreError::Write(e));
             }
@@ -307,6 +315,7 @@ impl EventLog {
         // The batch is in the tree now, so the chain continues from it whatever happens next.
         writer.head = head;
         if let Err(e) = self.db.flush() {
+            writer.write_failed = true;
             writer.refused = Some(format!(
                 "flushing events up to {} failed ({e}), so whether they are on disk is unknown; \
                  restart the server",
@@ -526,7 +535,16 @@ impl EventLog {
     }
 
     /// Makes everything written so far durable. `append` already does this for every batch.
+    ///
+    /// After a failed write it returns the refusal instead of asking sled: sled 0.34's flush
+    /// waits forever for a log position that a failed write will never make stable.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if writer.write_failed {
+            return Err(StoreError::WritesRefused {
+                reason: writer.refused.clone().unwrap_or_default(),
+            });
+        }
         self.db.flush().map(drop).map_err(StoreError::Write)
     }
 
@@ -648,3 +666,21 @@ const _: fn() = || {
     fn shared<T: Send + Sync>() {}
     shared::<EventLog>();
 };
+
+impl Drop for EventLog {
+    /// sled flushes when the last handle to a tree is dropped, and after a failed write that
+    /// flush never returns (sled 0.34). A log whose write failed therefore keeps one handle
+    /// of each tree alive for the rest of the process, so shutdown completes; the process has
+    /// to restart before it can write again anyway.
+    fn drop(&mut self) {
+        let write_failed = self
+            .writer
+            .get_mut()
+            .map_or(true, |writer| writer.write_failed);
+        if write_failed {
+            std::mem::forget(self.db.clone());
+            std::mem::forget(self.events.clone());
+            std::mem::forget(self.meta.clone());
+        }
+    }
+}

@@ -193,3 +193,88 @@ pub fn write_policy(dir: &Path, file: &str, contents: &str) {
     std::fs::create_dir_all(dir).expect("policy dir");
     std::fs::write(dir.join(file), contents).expect("policy file");
 }
+
+/// A `countersign serve` child process, killed if the test ends early.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub address: SocketAddr,
+    /// Log lines read until the server said it was serving.
+    pub startup_logs: String,
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `command` (which must run `countersign serve --log-format json`), waits for the
+/// "countersign is serving" log line and returns the process with its address. Logs after
+/// that are drained in the background so the child never blocks on a full pipe.
+pub async fn spawn_serve(mut command: std::process::Command) -> ServeProcess {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let mut child = command
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("countersign starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let found = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        while let Some(Ok(line)) = lines.next() {
+            seen.push_str(&line);
+            seen.push('\n');
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["fields"]["message"] == "countersign is serving" {
+                let address = entry["fields"]["address"].as_str().map(str::to_string);
+                std::thread::spawn(move || for _ in lines {});
+                return Ok((address, seen));
+            }
+        }
+        Err(seen)
+    })
+    .await
+    .expect("reader");
+    let (address, startup_logs) = match found {
+        Ok(found) => found,
+        Err(logs) => {
+            let _ = child.kill();
+            panic!("countersign never said it was serving:\n{logs}");
+        }
+    };
+    ServeProcess {
+        child,
+        address: address.expect("address field").parse().expect("address"),
+        startup_logs,
+    }
+}
+
+pub async fn channel_to(address: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{address}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connects")
+}
+
+/// What the standard health service says of `ActionGate`.
+pub async fn action_gate_health(
+    channel: Channel,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "countersign.v1.ActionGate".into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status()
+}
