@@ -19,6 +19,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Concurrent HTTP/2 streams per connection; more wait in the client.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// The longest one AwaitDecision call waits; clients call again while not final.
+pub const DEFAULT_MAX_AWAIT: Duration = Duration::from_secs(60);
+
 /// Everything `serve` needs, fully resolved.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -29,6 +32,7 @@ pub struct ServerConfig {
     pub times: DecisionTimes,
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
+    pub max_await: Duration,
 }
 
 impl ServerConfig {
@@ -42,6 +46,7 @@ impl ServerConfig {
             times: DecisionTimes::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_await: DEFAULT_MAX_AWAIT,
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct DecisionsSection {
 pub struct LimitsSection {
     pub max_message_bytes: Option<usize>,
     pub max_concurrent_streams: Option<u32>,
+    /// The longest one AwaitDecision call waits (e.g. `60s`).
+    pub max_await: Option<String>,
 }
 
 impl ConfigFile {
@@ -161,6 +168,9 @@ pub fn resolve(
                 });
             }
             config.max_message_bytes = v;
+        }
+        if let Some(v) = &file.limits.max_await {
+            config.max_await = duration(path, "limits.max_await", v)?;
         }
         if let Some(v) = file.limits.max_concurrent_streams {
             if v == 0 {

@@ -124,7 +124,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     );
 
     let data_dir = config.data_dir.clone();
-    let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir))
+    let times = config.times;
+    let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir, times))
         .await
         .map_err(|e| ServeError::Startup(e.to_string()))??;
     log_replay(&config, &replay);
@@ -146,11 +147,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     })?;
 
     let ledger = Arc::new(ledger);
+    // Ends by itself when the ledger is dropped.
+    ledger.start_expiry_timer();
     let ledger_released: Weak<Ledger> = Arc::downgrade(&ledger);
     let core = Arc::new(Core {
         ledger,
         policies: Arc::new(CurrentPolicies::new(config.policies.clone(), policies)),
         times: config.times,
+        max_await: config.max_await,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -2,18 +2,20 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use chrono::Utc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{Core, convert, not_yet, status, validate};
-use crate::auth;
+use super::{Core, convert, status, validate};
+use crate::auth::{self, roles};
 use crate::ledger::{CheckRecorded, LedgerError, NewCheck};
 use crate::policy::EvaluationInput;
 use crate::proto;
 use crate::proto::action_gate_server::ActionGate;
 use crate::telemetry;
-use crate::workflow::{ActionRequested, action_digest, evaluate_check};
+use crate::workflow::{ActionCommand, ActionRequested, action_digest, evaluate_check};
 
 pub struct ActionGateApi {
     core: Arc<Core>,
@@ -98,22 +100,126 @@ impl ActionGate for ActionGateApi {
 
     async fn await_decision(
         &self,
-        _request: Request<proto::AwaitDecisionRequest>,
+        request: Request<proto::AwaitDecisionRequest>,
     ) -> Result<Response<proto::AwaitDecisionResponse>, Status> {
-        Err(not_yet("ActionGate.AwaitDecision"))
+        let principal = auth::principal(&request)?;
+        let deadline = client_deadline(request.metadata());
+        let body = request.into_inner();
+        let id = validate::action_id("action_id", &body.action_id).map_err(status::invalid)?;
+        let requested = body
+            .wait
+            .as_ref()
+            .map(|w| validate::duration("wait", w))
+            .transpose()
+            .map_err(status::invalid)?;
+        {
+            let actions = self.core.ledger.actions();
+            let record = actions
+                .get(&id)
+                .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
+            if record.requester.id != principal.id && !roles::is_auditor(&principal) {
+                return Err(Status::permission_denied(format!(
+                    "action {id} belongs to {}; a caller may wait only on its own actions",
+                    record.requester.id
+                )));
+            }
+        }
+        // Answer a little before the client gives up, so it gets the status rather than
+        // DEADLINE_EXCEEDED, and can simply call again.
+        let mut wait = requested
+            .unwrap_or(self.core.max_await)
+            .min(self.core.max_await);
+        if let Some(deadline) = deadline {
+            wait = wait.min(deadline.saturating_sub(deadline_margin(deadline)));
+        }
+        let record = self
+            .core
+            .ledger
+            .await_final(id, wait)
+            .await
+            .map_err(status::ledger)?;
+        Ok(Response::new(proto::AwaitDecisionResponse {
+            is_final: record.status.is_final(),
+            action: Some(convert::action_record(&record)),
+        }))
     }
 
     async fn cancel_action(
         &self,
-        _request: Request<proto::CancelActionRequest>,
+        request: Request<proto::CancelActionRequest>,
     ) -> Result<Response<proto::CancelActionResponse>, Status> {
-        Err(not_yet("ActionGate.CancelAction"))
+        let principal = auth::principal(&request)?;
+        let body = request.into_inner();
+        let id = validate::action_id("action_id", &body.action_id).map_err(status::invalid)?;
+        let reason = validate::free_text("reason", &body.reason, validate::MAX_REASON_BYTES)
+            .map_err(status::invalid)?;
+        let record = self
+            .core
+            .ledger
+            .act(
+                id,
+                ActionCommand::Cancel {
+                    by: principal,
+                    reason,
+                },
+                Utc::now(),
+            )
+            .await
+            .map_err(status::ledger)?;
+        tracing::info!(action_id = %id, status = record.status.as_str(), "action cancelled");
+        Ok(Response::new(proto::CancelActionResponse {
+            action: Some(convert::action_record(&record)),
+        }))
     }
 
     async fn report_outcome(
         &self,
-        _request: Request<proto::ReportOutcomeRequest>,
+        request: Request<proto::ReportOutcomeRequest>,
     ) -> Result<Response<proto::ReportOutcomeResponse>, Status> {
-        Err(not_yet("ActionGate.ReportOutcome"))
+        let principal = auth::principal(&request)?;
+        let body = request.into_inner();
+        let id = validate::action_id("action_id", &body.action_id).map_err(status::invalid)?;
+        let outcome = validate::outcome(body.outcome).map_err(status::invalid)?;
+        let details = validate::free_text(
+            "details",
+            &body.details,
+            validate::MAX_OUTCOME_DETAILS_BYTES,
+        )
+        .map_err(status::invalid)?;
+        let command = ActionCommand::ReportOutcome {
+            by: principal,
+            outcome,
+            details,
+        };
+        let record = self
+            .core
+            .ledger
+            .act(id, command, Utc::now())
+            .await
+            .map_err(status::ledger)?;
+        Ok(Response::new(proto::ReportOutcomeResponse {
+            action: Some(convert::action_record(&record)),
+        }))
     }
+}
+
+/// The time the client allows for this call, from its `grpc-timeout` header.
+fn client_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// How long before the client's deadline to answer: enough for the reply to travel.
+fn deadline_margin(deadline: Duration) -> Duration {
+    (deadline / 10).clamp(Duration::from_millis(5), Duration::from_millis(250))
 }

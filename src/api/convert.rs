@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::domain::{ActionRequest, Effect, Principal, PrincipalKind, RiskLevel};
 use crate::proto;
 use crate::store::{StoredEvent, VerifyReport};
-use crate::workflow::{ActionRecord, ActionStatus};
+use crate::workflow::{ActionRecord, ActionStatus, Outcome, Verdict, Vote};
 
 pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -42,6 +42,31 @@ pub fn effect(effect: Effect) -> proto::PolicyEffect {
         Effect::Allow => proto::PolicyEffect::Allow,
         Effect::RequireApproval => proto::PolicyEffect::RequireApproval,
         Effect::Deny => proto::PolicyEffect::Deny,
+    }
+}
+
+pub fn verdict(verdict: Verdict) -> proto::Verdict {
+    match verdict {
+        Verdict::Approve => proto::Verdict::Approve,
+        Verdict::Reject => proto::Verdict::Reject,
+    }
+}
+
+pub fn outcome(outcome: Outcome) -> proto::Outcome {
+    match outcome {
+        Outcome::Executed => proto::Outcome::Executed,
+        Outcome::Failed => proto::Outcome::Failed,
+        Outcome::Abandoned => proto::Outcome::Abandoned,
+    }
+}
+
+pub fn vote(vote: &Vote) -> proto::Vote {
+    proto::Vote {
+        reviewer_id: vote.reviewer.id.clone(),
+        verdict: verdict(vote.verdict) as i32,
+        reason: vote.reason.clone(),
+        time: Some(timestamp(vote.time)),
+        sequence: vote.sequence,
     }
 }
 
@@ -145,7 +170,7 @@ pub fn action_record(record: &ActionRecord) -> proto::ActionRecord {
         reviewer_groups: decision
             .map(|d| d.reviewer_groups.clone())
             .unwrap_or_default(),
-        votes: Vec::new(),
+        votes: record.votes.iter().map(vote).collect(),
         created_at: Some(timestamp(record.created_at)),
         expires_at: record.expires_at.map(timestamp),
         decided_at: record.decided_at.map(timestamp),
@@ -155,7 +180,11 @@ pub fn action_record(record: &ActionRecord) -> proto::ActionRecord {
             .unwrap_or_default(),
         action_digest: record.action_digest.clone(),
         idempotency_key: record.request.idempotency_key.clone(),
-        outcome: None,
+        outcome: record.outcome.as_ref().map(|o| proto::OutcomeReport {
+            outcome: outcome(o.outcome) as i32,
+            details: o.details.clone(),
+            time: Some(timestamp(o.time)),
+        }),
         trace_id: record.trace_id.clone().unwrap_or_default(),
         first_sequence: record.first_sequence,
         last_sequence: record.last_sequence,

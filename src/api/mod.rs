@@ -9,6 +9,7 @@ mod audit;
 pub mod convert;
 mod policy_admin;
 mod review;
+mod review_stream;
 mod status;
 pub mod validate;
 
@@ -54,6 +55,8 @@ pub struct Core {
     pub ledger: Arc<Ledger>,
     pub policies: Arc<CurrentPolicies>,
     pub times: DecisionTimes,
+    /// The longest one AwaitDecision call waits before answering with the current status.
+    pub max_await: std::time::Duration,
 }
 
 /// UNIMPLEMENTED, naming the RPC: the v1 surface is complete, its implementation is not yet.

@@ -1,16 +1,16 @@
 //! `ReviewService`: what human reviewers call.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::Stream;
+use chrono::Utc;
 use tonic::{Request, Response, Status};
 
-use super::{Core, convert, not_yet, status, validate};
-use crate::auth;
-use crate::domain::PrincipalKind;
+use super::review_stream::{self, PendingStream};
+use super::{Core, convert, status, validate};
+use crate::auth::{self, roles};
 use crate::proto;
 use crate::proto::review_service_server::ReviewService;
+use crate::workflow::ActionCommand;
 
 pub struct ReviewApi {
     core: Arc<Core>,
@@ -22,25 +22,55 @@ impl ReviewApi {
     }
 }
 
-type PendingStream =
-    Pin<Box<dyn Stream<Item = Result<proto::StreamPendingResponse, Status>> + Send + 'static>>;
-
 #[tonic::async_trait]
 impl ReviewService for ReviewApi {
     type StreamPendingStream = PendingStream;
 
     async fn stream_pending(
         &self,
-        _request: Request<proto::StreamPendingRequest>,
+        request: Request<proto::StreamPendingRequest>,
     ) -> Result<Response<Self::StreamPendingStream>, Status> {
-        Err(not_yet("ReviewService.StreamPending"))
+        let reviewer = auth::principal(&request)?;
+        let after = request.into_inner().after_sequence;
+        let stream = review_stream::open(self.core.clone(), reviewer, after)?;
+        Ok(Response::new(stream))
     }
 
     async fn submit_review(
         &self,
-        _request: Request<proto::SubmitReviewRequest>,
+        request: Request<proto::SubmitReviewRequest>,
     ) -> Result<Response<proto::SubmitReviewResponse>, Status> {
-        Err(not_yet("ReviewService.SubmitReview"))
+        let reviewer = auth::principal(&request)?;
+        let body = request.into_inner();
+        let id = validate::action_id("action_id", &body.action_id).map_err(status::invalid)?;
+        let verdict = validate::verdict(body.verdict).map_err(status::invalid)?;
+        let reason = validate::reason("reason", &body.reason).map_err(status::invalid)?;
+        let expected_digest = (!body.action_digest.is_empty()).then_some(body.action_digest);
+        let reviewer_id = reviewer.id.clone();
+        let command = ActionCommand::Review {
+            reviewer,
+            verdict,
+            reason,
+            expected_digest,
+        };
+        let result = self.core.ledger.act(id, command, Utc::now()).await;
+        match &result {
+            Ok(record) => tracing::info!(
+                action_id = %id,
+                reviewer = %reviewer_id,
+                verdict = ?verdict,
+                status = record.status.as_str(),
+                approvals_remaining = record.approvals_remaining(),
+                "review recorded"
+            ),
+            Err(e) => {
+                tracing::warn!(action_id = %id, reviewer = %reviewer_id, error = %e, "review refused")
+            }
+        }
+        let record = result.map_err(status::ledger)?;
+        Ok(Response::new(proto::SubmitReviewResponse {
+            action: Some(convert::action_record(&record)),
+        }))
     }
 
     async fn get_action(
@@ -54,9 +84,7 @@ impl ReviewService for ReviewApi {
         let record = actions
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
-        // Until roles arrive (authentication issue): an agent sees only its own actions;
-        // humans, who review, see all.
-        if principal.kind != PrincipalKind::Human && record.requester.id != principal.id {
+        if record.requester.id != principal.id && !roles::reads_all_actions(&principal) {
             return Err(Status::permission_denied(format!(
                 "action {id} belongs to another requester; agents may read only their own actions"
             )));
@@ -68,8 +96,52 @@ impl ReviewService for ReviewApi {
 
     async fn list_actions(
         &self,
-        _request: Request<proto::ListActionsRequest>,
+        request: Request<proto::ListActionsRequest>,
     ) -> Result<Response<proto::ListActionsResponse>, Status> {
-        Err(not_yet("ReviewService.ListActions"))
+        let principal = auth::principal(&request)?;
+        let body = request.into_inner();
+        let status_filter = validate::status_filter(body.status).map_err(status::invalid)?;
+        let page_size = validate::page_size(body.page_size).map_err(status::invalid)?;
+        let before = if body.page_token.is_empty() {
+            None
+        } else {
+            Some(validate::action_id("page_token", &body.page_token).map_err(status::invalid)?)
+        };
+        let requester = if roles::reads_all_actions(&principal) {
+            body.requester_id
+        } else if body.requester_id.is_empty() || body.requester_id == principal.id {
+            principal.id.clone()
+        } else {
+            return Err(Status::permission_denied(
+                "agents may list only their own actions",
+            ));
+        };
+
+        let actions = self.core.ledger.actions();
+        let mut page: Vec<proto::ActionRecord> = Vec::with_capacity(page_size);
+        let mut last_id = None;
+        let mut more = false;
+        for record in actions.newest_first(before) {
+            let matches = status_filter.is_none_or(|s| record.status == s)
+                && (requester.is_empty() || record.requester.id == requester)
+                && (body.action_type.is_empty()
+                    || record.request.action.action_type == body.action_type);
+            if !matches {
+                continue;
+            }
+            if page.len() == page_size {
+                more = true;
+                break;
+            }
+            last_id = Some(record.id);
+            page.push(convert::action_record(record));
+        }
+        Ok(Response::new(proto::ListActionsResponse {
+            actions: page,
+            next_page_token: match (more, last_id) {
+                (true, Some(id)) => id.to_string(),
+                _ => String::new(),
+            },
+        }))
     }
 }

@@ -5,6 +5,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::validate::FieldViolation;
 use crate::ledger::LedgerError;
+use crate::workflow::Refusal;
 
 /// INVALID_ARGUMENT naming the field, with a machine-readable `google.rpc.BadRequest`.
 pub fn invalid(violation: FieldViolation) -> Status {
@@ -16,6 +17,9 @@ pub fn ledger(error: LedgerError) -> Status {
     match &error {
         LedgerError::IdempotencyConflict { .. } => Status::already_exists(error.to_string()),
         LedgerError::IntegrityFailure(_) => Status::failed_precondition(error.to_string()),
+        LedgerError::NotFound(_) => Status::not_found(error.to_string()),
+        LedgerError::Refused(Refusal::PermissionDenied(why)) => Status::permission_denied(why),
+        LedgerError::Refused(Refusal::FailedPrecondition(why)) => Status::failed_precondition(why),
         LedgerError::WriteFailed(_)
         | LedgerError::Poisoned(_)
         | LedgerError::Stopped

@@ -266,6 +266,105 @@ fn number(field: &str, n: f64) -> Result<Value, FieldViolation> {
         .ok_or_else(|| violation(field, "must be a finite number"))
 }
 
+pub const MAX_REASON_BYTES: usize = 4096;
+pub const MAX_OUTCOME_DETAILS_BYTES: usize = 16 * 1024;
+pub const MAX_PAGE_SIZE: u32 = 500;
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+
+/// A required free-text reason (reviews): 1..=4096 bytes, newlines allowed.
+pub fn reason(field: &str, value: &str) -> Result<String, FieldViolation> {
+    if value.trim().is_empty() {
+        return Err(violation(
+            field,
+            "is required: say why, it is recorded for the auditors",
+        ));
+    }
+    text(field, value, MAX_REASON_BYTES, true)
+}
+
+/// An optional free-text field with a limit, newlines allowed.
+pub fn free_text(field: &str, value: &str, max_bytes: usize) -> Result<String, FieldViolation> {
+    text(field, value, max_bytes, true)
+}
+
+pub fn verdict(value: i32) -> Result<crate::workflow::Verdict, FieldViolation> {
+    use crate::workflow::Verdict;
+    match proto::Verdict::try_from(value) {
+        Ok(proto::Verdict::Approve) => Ok(Verdict::Approve),
+        Ok(proto::Verdict::Reject) => Ok(Verdict::Reject),
+        Ok(proto::Verdict::Unspecified) => Err(violation(
+            "verdict",
+            "is required: VERDICT_APPROVE or VERDICT_REJECT",
+        )),
+        Err(_) => Err(violation(
+            "verdict",
+            format!("{value} is not a known verdict"),
+        )),
+    }
+}
+
+pub fn outcome(value: i32) -> Result<crate::workflow::Outcome, FieldViolation> {
+    use crate::workflow::Outcome;
+    match proto::Outcome::try_from(value) {
+        Ok(proto::Outcome::Executed) => Ok(Outcome::Executed),
+        Ok(proto::Outcome::Failed) => Ok(Outcome::Failed),
+        Ok(proto::Outcome::Abandoned) => Ok(Outcome::Abandoned),
+        Ok(proto::Outcome::Unspecified) => Err(violation(
+            "outcome",
+            "is required: OUTCOME_EXECUTED, OUTCOME_FAILED or OUTCOME_ABANDONED",
+        )),
+        Err(_) => Err(violation(
+            "outcome",
+            format!("{value} is not a known outcome"),
+        )),
+    }
+}
+
+/// An optional status filter: unset means any.
+pub fn status_filter(value: i32) -> Result<Option<crate::workflow::ActionStatus>, FieldViolation> {
+    use crate::workflow::ActionStatus;
+    Ok(Some(match proto::ActionStatus::try_from(value) {
+        Ok(proto::ActionStatus::Unspecified) => return Ok(None),
+        Ok(proto::ActionStatus::Allowed) => ActionStatus::Allowed,
+        Ok(proto::ActionStatus::Denied) => ActionStatus::Denied,
+        Ok(proto::ActionStatus::Pending) => ActionStatus::Pending,
+        Ok(proto::ActionStatus::Approved) => ActionStatus::Approved,
+        Ok(proto::ActionStatus::Rejected) => ActionStatus::Rejected,
+        Ok(proto::ActionStatus::Expired) => ActionStatus::Expired,
+        Ok(proto::ActionStatus::Cancelled) => ActionStatus::Cancelled,
+        Err(_) => {
+            return Err(violation(
+                "status",
+                format!("{value} is not a known status"),
+            ));
+        }
+    }))
+}
+
+pub fn page_size(value: u32) -> Result<usize, FieldViolation> {
+    match value {
+        0 => Ok(DEFAULT_PAGE_SIZE as usize),
+        1..=MAX_PAGE_SIZE => Ok(value as usize),
+        _ => Err(violation(
+            "page_size",
+            format!("is {value}, at most {MAX_PAGE_SIZE} allowed"),
+        )),
+    }
+}
+
+/// A non-negative duration, for `wait` fields.
+pub fn duration(
+    field: &str,
+    value: &prost_types::Duration,
+) -> Result<std::time::Duration, FieldViolation> {
+    std::time::Duration::try_from(*value).map_err(|_| {
+        violation(
+            field,
+            "must be a non-negative duration with nanos in 0..1e9",
+        )
+    })
+}
+
 pub fn action_id(field: &str, value: &str) -> Result<Uuid, FieldViolation> {
     if value.is_empty() {
         return Err(violation(field, "is required"));

@@ -6,6 +6,7 @@
 //! established, so real authenticators drop in without touching the handlers.
 
 mod development;
+pub mod roles;
 
 use std::sync::Arc;
 

@@ -28,7 +28,7 @@ impl Default for DecisionTimes {
 }
 
 /// Saturates instead of overflowing: a limit far in the future is still a limit.
-fn after(now: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+pub(crate) fn after(now: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(duration)
         .ok()
         .and_then(|d| now.checked_add_signed(d))

@@ -36,11 +36,98 @@ pub struct PolicyEvaluated {
     pub valid_until: Option<DateTime<Utc>>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Approve,
+    Reject,
+}
+
+/// A reviewer's vote, accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewVoted {
+    pub reviewer: Principal,
+    pub verdict: Verdict,
+    pub reason: String,
+}
+
+/// A review that was refused (self-review, wrong group, second vote, …). Recorded for the
+/// auditors; it does not change the action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewRefused {
+    pub reviewer: Principal,
+    pub verdict: Verdict,
+    pub reason: String,
+    /// Why it was refused, as told to the reviewer.
+    pub refusal: String,
+}
+
+/// The quorum was reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionApproved {
+    /// Do not start the action after this instant.
+    pub valid_until: DateTime<Utc>,
+    /// The reviewers whose approvals made the quorum, in vote order.
+    pub approved_by: Vec<String>,
+}
+
+/// A reviewer rejected the action; one rejection is enough.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionRejected {
+    pub rejected_by: String,
+}
+
+/// Nobody decided in time: fail closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionExpired {
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The requester withdrew the action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionCancelled {
+    pub cancelled_by: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Executed,
+    Failed,
+    Abandoned,
+}
+
+/// What the requester reports happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeReported {
+    pub outcome: Outcome,
+    pub details: String,
+}
+
+/// An outcome report that was refused, notably a start reported after `valid_until`.
+/// Recorded for the auditors; it does not change the action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeRefused {
+    pub reporter: String,
+    pub outcome: Outcome,
+    pub details: String,
+    pub refusal: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ActionEvent {
-    /// Boxed: a request with its parameters is several times larger than an evaluation.
+    /// Boxed: a request with its parameters is several times larger than the other events.
     Requested(Box<ActionRequested>),
-    Evaluated(PolicyEvaluated),
+    Evaluated(Box<PolicyEvaluated>),
+    Voted(ReviewVoted),
+    ReviewRefused(ReviewRefused),
+    Approved(ActionApproved),
+    Rejected(ActionRejected),
+    Expired(ActionExpired),
+    Cancelled(ActionCancelled),
+    OutcomeReported(OutcomeReported),
+    OutcomeRefused(OutcomeRefused),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +141,27 @@ pub struct EventDecodeError {
 impl ActionEvent {
     pub const REQUESTED: &'static str = "action.requested";
     pub const EVALUATED: &'static str = "policy.evaluated";
+    pub const VOTED: &'static str = "review.voted";
+    pub const REVIEW_REFUSED: &'static str = "review.refused";
+    pub const APPROVED: &'static str = "action.approved";
+    pub const REJECTED: &'static str = "action.rejected";
+    pub const EXPIRED: &'static str = "action.expired";
+    pub const CANCELLED: &'static str = "action.cancelled";
+    pub const OUTCOME_REPORTED: &'static str = "outcome.reported";
+    pub const OUTCOME_REFUSED: &'static str = "outcome.refused";
 
     pub fn kind(&self) -> &'static str {
         match self {
             ActionEvent::Requested(_) => Self::REQUESTED,
             ActionEvent::Evaluated(_) => Self::EVALUATED,
+            ActionEvent::Voted(_) => Self::VOTED,
+            ActionEvent::ReviewRefused(_) => Self::REVIEW_REFUSED,
+            ActionEvent::Approved(_) => Self::APPROVED,
+            ActionEvent::Rejected(_) => Self::REJECTED,
+            ActionEvent::Expired(_) => Self::EXPIRED,
+            ActionEvent::Cancelled(_) => Self::CANCELLED,
+            ActionEvent::OutcomeReported(_) => Self::OUTCOME_REPORTED,
+            ActionEvent::OutcomeRefused(_) => Self::OUTCOME_REFUSED,
         }
     }
 
@@ -66,26 +169,43 @@ impl ActionEvent {
         match self {
             ActionEvent::Requested(e) => serde_json::to_value(e),
             ActionEvent::Evaluated(e) => serde_json::to_value(e),
+            ActionEvent::Voted(e) => serde_json::to_value(e),
+            ActionEvent::ReviewRefused(e) => serde_json::to_value(e),
+            ActionEvent::Approved(e) => serde_json::to_value(e),
+            ActionEvent::Rejected(e) => serde_json::to_value(e),
+            ActionEvent::Expired(e) => serde_json::to_value(e),
+            ActionEvent::Cancelled(e) => serde_json::to_value(e),
+            ActionEvent::OutcomeReported(e) => serde_json::to_value(e),
+            ActionEvent::OutcomeRefused(e) => serde_json::to_value(e),
         }
     }
 
-    /// `Ok(None)` for kinds that do not change an action's state (audit-only events).
+    /// `Ok(None)` for kinds that are not about actions (for example authentication audits).
     pub fn from_stored(
         kind: &str,
         payload: &serde_json::Value,
     ) -> Result<Option<ActionEvent>, EventDecodeError> {
-        let decode_error = |source| EventDecodeError {
-            kind: kind.to_string(),
-            source,
-        };
-        Ok(match kind {
-            Self::REQUESTED => Some(ActionEvent::Requested(Box::new(
-                ActionRequested::deserialize(payload).map_err(decode_error)?,
-            ))),
-            Self::EVALUATED => Some(ActionEvent::Evaluated(
-                PolicyEvaluated::deserialize(payload).map_err(decode_error)?,
-            )),
-            _ => None,
-        })
+        fn decode<T: serde::de::DeserializeOwned>(
+            kind: &str,
+            payload: &serde_json::Value,
+        ) -> Result<T, EventDecodeError> {
+            T::deserialize(payload).map_err(|source| EventDecodeError {
+                kind: kind.to_string(),
+                source,
+            })
+        }
+        Ok(Some(match kind {
+            Self::REQUESTED => ActionEvent::Requested(Box::new(decode(kind, payload)?)),
+            Self::EVALUATED => ActionEvent::Evaluated(Box::new(decode(kind, payload)?)),
+            Self::VOTED => ActionEvent::Voted(decode(kind, payload)?),
+            Self::REVIEW_REFUSED => ActionEvent::ReviewRefused(decode(kind, payload)?),
+            Self::APPROVED => ActionEvent::Approved(decode(kind, payload)?),
+            Self::REJECTED => ActionEvent::Rejected(decode(kind, payload)?),
+            Self::EXPIRED => ActionEvent::Expired(decode(kind, payload)?),
+            Self::CANCELLED => ActionEvent::Cancelled(decode(kind, payload)?),
+            Self::OUTCOME_REPORTED => ActionEvent::OutcomeReported(decode(kind, payload)?),
+            Self::OUTCOME_REFUSED => ActionEvent::OutcomeRefused(decode(kind, payload)?),
+            _ => return Ok(None),
+        }))
     }
 }

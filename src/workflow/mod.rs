@@ -6,11 +6,18 @@
 //! drift apart. Nothing here does I/O or reads the clock: time comes in as an argument.
 
 mod check;
+mod commands;
 mod digest;
 mod events;
 pub mod record;
 
+pub(crate) use check::after;
 pub use check::{DecisionTimes, evaluate_check};
+pub use commands::{ActionCommand, Decided, Refusal, SERVER_ACTOR, decide};
 pub use digest::action_digest;
-pub use events::{ActionEvent, ActionRequested, EventDecodeError, PolicyEvaluated};
-pub use record::{ActionRecord, ActionStatus, Actions};
+pub use events::{
+    ActionApproved, ActionCancelled, ActionEvent, ActionExpired, ActionRejected, ActionRequested,
+    EventDecodeError, Outcome, OutcomeRefused, OutcomeReported, PolicyEvaluated, ReviewRefused,
+    ReviewVoted, Verdict,
+};
+pub use record::{ActionRecord, ActionStatus, Actions, ReportedOutcome, Vote};

@@ -1,0 +1,280 @@
+//! `ReviewService.StreamPending`: the live list a reviewer works from.
+//!
+//! Each stream is one task that owns a bounded buffer towards its client. It first sends
+//! what the reviewer may review now (a snapshot, or the log since the sequence it resumes
+//! after), then follows the ledger's feed of committed batches. It never waits on its
+//! client while following: a client that does not read fills its buffer, and the stream is
+//! then told to resync and closed. A stream that falls behind the feed itself is closed the
+//! same way. Either way no other reviewer, agent or the ledger ever waits for it.
+//!
+//! Resuming: every message carries a log sequence number. A client that has seen
+//! `snapshot_complete` (or any later message) reconnects with the sequence of the last
+//! message it received and gets exactly what it missed; one cut off during the snapshot
+//! reconnects with 0.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{Core, convert};
+use crate::domain::{Principal, PrincipalKind};
+use crate::ledger::CommittedBatch;
+use crate::proto;
+use crate::proto::stream_pending_response::Event as StreamEvent;
+use crate::workflow::{ActionEvent, ActionRecord, ActionStatus};
+
+pub type PendingStream =
+    Pin<Box<dyn Stream<Item = Result<proto::StreamPendingResponse, Status>> + Send + 'static>>;
+
+/// Messages buffered towards one client. One slot is always kept for the resync notice.
+const STREAM_BUFFER: usize = 256;
+
+/// How far back a resume may reach; further back, a fresh snapshot is cheaper and exact.
+const MAX_RESUME_EVENTS: u64 = 100_000;
+
+pub(super) fn open(
+    core: Arc<Core>,
+    reviewer: Principal,
+    after: u64,
+) -> Result<PendingStream, Status> {
+    if reviewer.kind != PrincipalKind::Human {
+        return Err(Status::permission_denied(format!(
+            "{} is an agent; only humans review actions",
+            reviewer.id
+        )));
+    }
+    // Subscribe before reading the state: every batch not in the state read below is then
+    // certainly delivered by the feed.
+    let feed = core.ledger.subscribe();
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let reviewer_id = reviewer.id.clone();
+        let mut stream = ReviewerStream { core, reviewer, tx };
+        if let Err(ended) = stream.run(feed, after).await {
+            tracing::debug!(reviewer = %reviewer_id, reason = ended, "reviewer stream ended");
+        }
+    });
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+struct ReviewerStream {
+    core: Arc<Core>,
+    reviewer: Principal,
+    tx: mpsc::Sender<Result<proto::StreamPendingResponse, Status>>,
+}
+
+/// Why a stream task stopped (for the debug log).
+type Ended = &'static str;
+
+impl ReviewerStream {
+    async fn run(
+        &mut self,
+        mut feed: broadcast::Receiver<Arc<CommittedBatch>>,
+        after: u64,
+    ) -> Result<(), Ended> {
+        let caught_up_to = if after == 0 {
+            self.send_snapshot().await?
+        } else {
+            self.send_since(after).await?
+        };
+        loop {
+            let batch = tokio::select! {
+                received = feed.recv() => received,
+                () = self.tx.closed() => return Err("client went away"),
+            };
+            match batch {
+                Ok(batch) => {
+                    for committed in &batch.events {
+                        if committed.sequence <= caught_up_to {
+                            continue;
+                        }
+                        let Some(record) = batch.record(&committed.action_id) else {
+                            continue;
+                        };
+                        if let Some(message) =
+                            self.message(committed.sequence, &committed.event, record)
+                        {
+                            self.send_live(message)?;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.resync("the stream fell behind the server's feed")?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err("server stopping"),
+            }
+        }
+    }
+
+    /// Everything now pending that this reviewer may review; returns the state's sequence.
+    async fn send_snapshot(&mut self) -> Result<u64, Ended> {
+        let (sequence, mut pending) = {
+            let actions = self.core.ledger.actions();
+            let pending: Vec<ActionRecord> = actions
+                .pending()
+                .filter(|r| may_review(&self.reviewer, r))
+                .cloned()
+                .collect();
+            (actions.applied_sequence(), pending)
+        };
+        pending.sort_by_key(|r| r.last_sequence);
+        let count = u32::try_from(pending.len()).unwrap_or(u32::MAX);
+        for record in &pending {
+            self.send_waiting(
+                record.last_sequence,
+                StreamEvent::Pending(convert::action_record(record)),
+            )
+            .await?;
+        }
+        self.send_waiting(
+            sequence,
+            StreamEvent::SnapshotComplete(proto::SnapshotComplete {
+                pending_count: count,
+            }),
+        )
+        .await?;
+        Ok(sequence)
+    }
+
+    /// What happened after `after`, read back from the log; returns the state's sequence.
+    async fn send_since(&mut self, after: u64) -> Result<u64, Ended> {
+        let head = self.core.ledger.actions().applied_sequence();
+        if after > head || head - after > MAX_RESUME_EVENTS {
+            self.resync(if after > head {
+                "the sequence to resume after is beyond the log's end"
+            } else {
+                "the sequence to resume after is too far back"
+            })?;
+            return Err("resync requested");
+        }
+        let log = self.core.ledger.log().clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            log.iter_from(after + 1)
+                .take_while(|e| e.as_ref().map_or(true, |e| e.sequence <= head))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| "log read interrupted")?;
+        let Ok(stored) = stored else {
+            self.resync("the log could not be read back; take a fresh snapshot")?;
+            return Err("log read failed");
+        };
+        for event in stored {
+            let (Some(action_id), Ok(Some(decoded))) = (
+                event.action_id,
+                ActionEvent::from_stored(&event.kind, &event.payload),
+            ) else {
+                continue;
+            };
+            let Some(record) = self.core.ledger.actions().get(&action_id).cloned() else {
+                continue;
+            };
+            if let Some(message) = self.message(event.sequence, &decoded, &record) {
+                self.tx
+                    .send(Ok(message))
+                    .await
+                    .map_err(|_| "client went away")?;
+            }
+        }
+        Ok(head)
+    }
+
+    /// The message a reviewer gets for one committed event, if it concerns them.
+    fn message(
+        &self,
+        sequence: u64,
+        event: &ActionEvent,
+        record: &ActionRecord,
+    ) -> Option<proto::StreamPendingResponse> {
+        if !may_review(&self.reviewer, record) {
+            return None;
+        }
+        let action_id = record.id.to_string();
+        let event = match event {
+            ActionEvent::Evaluated(evaluated) if evaluated.status == ActionStatus::Pending => {
+                StreamEvent::Pending(convert::action_record(record))
+            }
+            ActionEvent::Voted(_) => {
+                let vote = record.votes.iter().find(|v| v.sequence == sequence)?;
+                StreamEvent::VoteAdded(proto::VoteAdded {
+                    action_id,
+                    vote: Some(convert::vote(vote)),
+                    approvals_remaining: record.approvals_remaining(),
+                })
+            }
+            ActionEvent::Approved(_)
+            | ActionEvent::Rejected(_)
+            | ActionEvent::Expired(_)
+            | ActionEvent::Cancelled(_) => StreamEvent::Resolved(proto::ActionResolved {
+                action_id,
+                status: convert::status(resolved_status(event)) as i32,
+            }),
+            _ => return None,
+        };
+        Some(proto::StreamPendingResponse {
+            sequence,
+            event: Some(event),
+        })
+    }
+
+    async fn send_waiting(&self, sequence: u64, event: StreamEvent) -> Result<(), Ended> {
+        let message = proto::StreamPendingResponse {
+            sequence,
+            event: Some(event),
+        };
+        self.tx
+            .send(Ok(message))
+            .await
+            .map_err(|_| "client went away")
+    }
+
+    /// Sends without waiting, keeping the last slot for the resync notice.
+    fn send_live(&self, message: proto::StreamPendingResponse) -> Result<(), Ended> {
+        if self.tx.capacity() <= 1 {
+            self.resync("the client is not reading fast enough")?;
+        }
+        self.tx
+            .try_send(Ok(message))
+            .map_err(|_| "client went away")
+    }
+
+    /// Tells the client to reconnect with a fresh snapshot, and ends the stream.
+    fn resync(&self, reason: &str) -> Result<(), Ended> {
+        let message = proto::StreamPendingResponse {
+            sequence: 0,
+            event: Some(StreamEvent::ResyncRequired(proto::ResyncRequired {
+                reason: format!("{reason}; reconnect with after_sequence = 0"),
+            })),
+        };
+        let _ = self.tx.try_send(Ok(message));
+        Err("resync requested")
+    }
+}
+
+fn resolved_status(event: &ActionEvent) -> ActionStatus {
+    match event {
+        ActionEvent::Approved(_) => ActionStatus::Approved,
+        ActionEvent::Rejected(_) => ActionStatus::Rejected,
+        ActionEvent::Expired(_) => ActionStatus::Expired,
+        _ => ActionStatus::Cancelled,
+    }
+}
+
+/// A reviewer sees an action that needed review when one of its groups may review it (or
+/// any human may), and never its own or one taken on its behalf.
+pub(super) fn may_review(reviewer: &Principal, record: &ActionRecord) -> bool {
+    let needed_review = record.expires_at.is_some();
+    let own = record.requester.id.eq_ignore_ascii_case(&reviewer.id)
+        || record
+            .request
+            .task
+            .on_behalf_of
+            .eq_ignore_ascii_case(&reviewer.id);
+    let groups = record.reviewer_groups();
+    let in_group = groups.is_empty() || groups.iter().any(|g| reviewer.in_group(g));
+    needed_review && !own && in_group
+}

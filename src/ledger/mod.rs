@@ -1,0 +1,409 @@
+//! The ledger: the one writer of the event log and of the action state.
+//!
+//! Every state change goes through a single thread ([`writer`]) that owns the write side of
+//! both the [`EventLog`] and the in-memory [`Actions`]. That thread takes commands from a
+//! bounded queue, decides each one against the state as it will be after the commands before
+//! it (so two retries with one idempotency key, or two votes, in the same batch still resolve
+//! correctly), appends the whole batch with one flush (group commit), and only then makes the
+//! new state visible, wakes waiters, feeds reviewer streams and answers the callers. So:
+//!
+//! - a caller hears back only once its events are durable;
+//! - readers never see an event the log does not hold;
+//! - the in-memory state is a pure fold of the log, rebuilt the same way at start-up.
+//!
+//! A dedicated OS thread (not a tokio task) does the blocking `flush`, which also keeps
+//! sled's `flush_async` out of the picture (sled issue 1308).
+
+mod expiry;
+mod waiters;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::store::{EventLog, StoreError, StoredEvent, VerifyReport};
+use crate::workflow::record::EventContext;
+use crate::workflow::{
+    ActionCommand, ActionEvent, ActionRecord, ActionRequested, Actions, DecisionTimes,
+    PolicyEvaluated, Refusal,
+};
+use waiters::Waiters;
+
+/// How many commands one group commit takes at most. Bounds the latency a batch adds to
+/// its first command and the memory of one append.
+const MAX_BATCH: usize = 512;
+
+/// Commands waiting for the writer. When full, callers wait (backpressure) instead of the
+/// queue growing without bound.
+const QUEUE_CAPACITY: usize = 8192;
+
+/// Committed batches buffered for subscribers (reviewer streams). A subscriber that falls
+/// further behind than this is told to resync instead of holding memory for it.
+const FEED_CAPACITY: usize = 256;
+
+pub use crate::workflow::SERVER_ACTOR;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(
+        "the event log cannot be written ({0}); nothing was recorded and the action is not allowed"
+    )]
+    WriteFailed(String),
+    #[error(
+        "an earlier write to the event log could not be made durable ({0}); countersign refuses new actions until the cause is fixed and it is restarted"
+    )]
+    Poisoned(String),
+    #[error(
+        "the event log failed verification ({0}); countersign refuses new actions until an operator investigates (see AuditService.VerifyLog)"
+    )]
+    IntegrityFailure(String),
+    #[error("idempotency key already used by this caller for a different action ({existing})")]
+    IdempotencyConflict { existing: Uuid },
+    #[error("no action with id {0}")]
+    NotFound(Uuid),
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("countersign is shutting down")]
+    Stopped,
+    #[error("the event log cannot be opened: {0}")]
+    Open(#[from] StoreError),
+}
+
+/// A fully evaluated CheckAction, ready to be recorded.
+#[derive(Debug)]
+pub struct NewCheck {
+    pub action_id: Uuid,
+    pub time: DateTime<Utc>,
+    pub requested: ActionRequested,
+    pub evaluated: PolicyEvaluated,
+}
+
+#[derive(Debug)]
+pub enum CheckRecorded {
+    /// The check was appended to the log.
+    New(ActionRecord),
+    /// The caller retried with the same idempotency key and the same action; nothing was
+    /// appended.
+    Existing(ActionRecord),
+}
+
+/// One committed event, as subscribers see it.
+#[derive(Debug)]
+pub struct CommittedEvent {
+    pub sequence: u64,
+    pub action_id: Uuid,
+    pub event: ActionEvent,
+}
+
+/// One group commit, published to subscribers after it is durable and visible. Carries
+/// only the events of actions that went to review (see the writer).
+#[derive(Debug)]
+pub struct CommittedBatch {
+    pub events: Vec<CommittedEvent>,
+    /// The records the batch touched, as they are after it.
+    pub records: std::collections::HashMap<Uuid, Arc<ActionRecord>>,
+}
+
+impl CommittedBatch {
+    pub fn record(&self, id: &Uuid) -> Option<&Arc<ActionRecord>> {
+        self.records.get(id)
+    }
+}
+
+enum Command {
+    Check {
+        check: Box<NewCheck>,
+        reply: oneshot::Sender<Result<CheckRecorded, LedgerError>>,
+    },
+    Act {
+        action_id: Uuid,
+        command: ActionCommand,
+        time: DateTime<Utc>,
+        reply: oneshot::Sender<Result<ActionRecord, LedgerError>>,
+    },
+}
+
+/// What start-up found in the log.
+#[derive(Debug, Clone)]
+pub struct ReplayReport {
+    pub events: u64,
+    pub actions: usize,
+    pub verification: VerifyReport,
+    /// Set when the log cannot be trusted; the ledger then refuses writes.
+    pub integrity_problem: Option<String>,
+}
+
+pub struct Ledger {
+    log: Arc<EventLog>,
+    state: Arc<RwLock<Actions>>,
+    commands: mpsc::Sender<Command>,
+    health: Arc<Health>,
+    feed: broadcast::Sender<Arc<CommittedBatch>>,
+    waiters: Arc<Waiters>,
+    /// Wakes the expiry timer when a new pending action may expire sooner, and on shutdown.
+    expiry_wakeup: Arc<Notify>,
+    /// Joined on drop so the last batch is flushed before the process exits.
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Why the ledger refuses writes, if it does. Shared with the writer thread.
+struct Health {
+    refusing: AtomicBool,
+    refusal: Mutex<Option<WriteRefusal>>,
+    /// Tells the server (health service) the moment writes start being refused.
+    refusing_watch: watch::Sender<bool>,
+}
+
+#[derive(Clone)]
+enum WriteRefusal {
+    /// The log failed verification at start-up.
+    Integrity(String),
+    /// A batch may have been written but could not be made durable.
+    NotDurable(String),
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            refusing: AtomicBool::new(false),
+            refusal: Mutex::new(None),
+            refusing_watch: watch::Sender::new(false),
+        }
+    }
+
+    fn refuse_writes(&self) -> Option<LedgerError> {
+        if !self.refusing.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(match self.refusal.lock().clone() {
+            Some(WriteRefusal::Integrity(problem)) => LedgerError::IntegrityFailure(problem),
+            Some(WriteRefusal::NotDurable(problem)) => LedgerError::Poisoned(problem),
+            None => LedgerError::Poisoned("unknown".into()),
+        })
+    }
+
+    fn refuse(&self, why: WriteRefusal) {
+        *self.refusal.lock() = Some(why);
+        self.refusing.store(true, Ordering::Release);
+        self.refusing_watch.send_replace(true);
+    }
+}
+
+impl Ledger {
+    /// Opens the log in `data_dir`, verifies its chain and rebuilds the action state.
+    ///
+    /// A log that fails verification still opens, so auditors can read and verify it, but
+    /// the ledger then refuses every write: state folded from tampered events cannot be
+    /// trusted to decide anything.
+    pub fn open(
+        data_dir: &Path,
+        times: DecisionTimes,
+    ) -> Result<(Ledger, ReplayReport), LedgerError> {
+        let log = Arc::new(EventLog::open(data_dir)?);
+        let verification = log.verify();
+        let mut integrity_problem = verification.problem.clone().filter(|_| !verification.ok);
+
+        let mut actions = Actions::default();
+        let mut events = 0u64;
+        for stored in log.iter_from(1) {
+            events += 1;
+            let folded = stored
+                .map_err(|e| e.to_string())
+                .and_then(|stored| fold(&mut actions, &stored).map_err(|e| e.to_string()));
+            if let Err(problem) = folded {
+                integrity_problem.get_or_insert(problem);
+            }
+        }
+
+        let health = Arc::new(Health::new());
+        if let Some(problem) = &integrity_problem {
+            health.refuse(WriteRefusal::Integrity(problem.clone()));
+        }
+        let report = ReplayReport {
+            events,
+            actions: actions.len(),
+            verification,
+            integrity_problem,
+        };
+
+        let state = Arc::new(RwLock::new(actions));
+        let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let waiters = Arc::new(Waiters::default());
+        let expiry_wakeup = Arc::new(Notify::new());
+        let writer = writer::Writer {
+            log: log.clone(),
+            state: state.clone(),
+            health: health.clone(),
+            feed: feed.clone(),
+            waiters: waiters.clone(),
+            expiry_wakeup: expiry_wakeup.clone(),
+            times,
+        };
+        let handle = std::thread::Builder::new()
+            .name("countersign-ledger".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| LedgerError::WriteFailed(format!("cannot start the writer: {e}")))?;
+
+        Ok((
+            Ledger {
+                log,
+                state,
+                commands,
+                health,
+                feed,
+                waiters,
+                expiry_wakeup,
+                writer: Mutex::new(Some(handle)),
+            },
+            report,
+        ))
+    }
+
+    /// Starts the timer that expires pending actions at their `expires_at`, including those
+    /// whose time passed while the server was down. Call from within a tokio runtime.
+    pub fn start_expiry_timer(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(expiry::run(
+            self.state.clone(),
+            self.commands.downgrade(),
+            self.expiry_wakeup.clone(),
+        ))
+    }
+
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LedgerError>>) -> Command,
+    ) -> Result<T, LedgerError> {
+        if let Some(refusal) = self.health.refuse_writes() {
+            return Err(refusal);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| LedgerError::Stopped)?;
+        answer.await.map_err(|_| LedgerError::Stopped)?
+    }
+
+    /// Records a check durably, or returns the action an idempotent retry refers to.
+    pub async fn record_check(&self, check: NewCheck) -> Result<CheckRecorded, LedgerError> {
+        self.submit(|reply| Command::Check {
+            check: Box::new(check),
+            reply,
+        })
+        .await
+    }
+
+    /// Applies a command to an existing action; answers with the record after it.
+    pub async fn act(
+        &self,
+        action_id: Uuid,
+        command: ActionCommand,
+        time: DateTime<Utc>,
+    ) -> Result<ActionRecord, LedgerError> {
+        self.submit(|reply| Command::Act {
+            action_id,
+            command,
+            time,
+            reply,
+        })
+        .await
+    }
+
+    /// Waits until the action is final or `wait` elapses, then returns its record. No
+    /// thread or polling per waiter: a waiter is one watch receiver, woken by the writer.
+    pub async fn await_final(&self, id: Uuid, wait: Duration) -> Result<ActionRecord, LedgerError> {
+        let mut status = {
+            // Subscribing under the read lock: the writer publishes a new status only after
+            // taking the write lock, so no change can slip between the read and the wait.
+            let state = self.state.read();
+            let record = state.get(&id).ok_or(LedgerError::NotFound(id))?;
+            if record.status.is_final() {
+                return Ok(record.clone());
+            }
+            self.waiters.subscribe(id, record.status)
+        };
+        let _ = tokio::time::timeout(wait, status.wait_for(|s| s.is_final())).await;
+        self.state
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or(LedgerError::NotFound(id))
+    }
+
+    /// Committed batches from now on. Together with [`Actions::applied_sequence`] read
+    /// after subscribing, a subscriber can tell which batches its snapshot already holds.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedBatch>> {
+        self.feed.subscribe()
+    }
+
+    /// Read access to the current state. Hold the guard briefly: the writer waits for it.
+    pub fn actions(&self) -> RwLockReadGuard<'_, Actions> {
+        self.state.read()
+    }
+
+    pub fn log(&self) -> &Arc<EventLog> {
+        &self.log
+    }
+
+    /// How many AwaitDecision calls are waiting right now.
+    pub fn waiter_count(&self) -> usize {
+        self.waiters.count()
+    }
+
+    /// Why writes are refused, if they are.
+    pub fn write_refusal(&self) -> Option<LedgerError> {
+        self.health.refuse_writes()
+    }
+
+    /// Becomes `true` when the ledger starts refusing writes (and stays so).
+    pub fn watch_refusal(&self) -> watch::Receiver<bool> {
+        self.health.refusing_watch.subscribe()
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer's loop after the queued commands; the expiry
+        // timer holds only a weak sender and stops when woken.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.commands, closed));
+        self.expiry_wakeup.notify_one();
+        let writer = self.writer.lock().take();
+        if writer.is_some_and(|handle| handle.join().is_err()) {
+            tracing::error!("the ledger writer thread panicked");
+        }
+        if let Err(e) = self.log.flush() {
+            tracing::error!(error = %e, "final flush of the event log failed");
+        }
+    }
+}
+
+/// Folds one stored event into the state (start-up replay).
+fn fold(actions: &mut Actions, stored: &StoredEvent) -> Result<(), String> {
+    let Some(event) =
+        ActionEvent::from_stored(&stored.kind, &stored.payload).map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    let action_id = stored.action_id.ok_or_else(|| {
+        format!(
+            "event {}: {} has no action id",
+            stored.sequence, stored.kind
+        )
+    })?;
+    let at = EventContext {
+        sequence: stored.sequence,
+        time: stored.time,
+        action_id,
+    };
+    actions.apply(at, &event).map_err(|e| e.to_string())
+}

@@ -1,0 +1,411 @@
+//! The writer thread: decides, appends (group commit) and publishes batches of commands.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use parking_lot::RwLock;
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::waiters::Waiters;
+use super::{
+    CheckRecorded, Command, CommittedBatch, CommittedEvent, Health, LedgerError, MAX_BATCH,
+    NewCheck, WriteRefusal,
+};
+use crate::store::{EventLog, NewEvent, StoreError};
+use crate::workflow::record::EventContext;
+use crate::workflow::{
+    ActionCommand, ActionEvent, ActionRecord, ActionStatus, Actions, DecisionTimes, Refusal,
+    SERVER_ACTOR, decide,
+};
+
+pub(super) struct Writer {
+    pub(super) log: Arc<EventLog>,
+    pub(super) state: Arc<RwLock<Actions>>,
+    pub(super) health: Arc<Health>,
+    pub(super) feed: broadcast::Sender<Arc<CommittedBatch>>,
+    pub(super) waiters: Arc<Waiters>,
+    pub(super) expiry_wakeup: Arc<Notify>,
+    pub(super) times: DecisionTimes,
+}
+
+/// How a decided command will be answered once its batch is (or is not) durable.
+enum Reply {
+    Check {
+        reply: oneshot::Sender<Result<CheckRecorded, LedgerError>>,
+        action_id: Uuid,
+        /// False for an idempotent retry: nothing appended, answer with the existing record.
+        appended: bool,
+    },
+    Act {
+        reply: oneshot::Sender<Result<ActionRecord, LedgerError>>,
+        action_id: Uuid,
+        result: Result<(), Refusal>,
+        appended: bool,
+    },
+}
+
+/// A batch being decided: the events to append and the state they will produce.
+struct Batch {
+    /// Records the batch touches, folded with the sequence numbers the append will assign
+    /// (this thread is the only writer, so they are exact).
+    scratch: Actions,
+    next_sequence: u64,
+    to_append: Vec<NewEvent>,
+    events: Vec<CommittedEvent>,
+    replies: Vec<Reply>,
+    /// A new pending action may expire before the timer's next wake-up.
+    new_pending: bool,
+}
+
+impl Batch {
+    fn new(next_sequence: u64) -> Batch {
+        Batch {
+            scratch: Actions::default(),
+            next_sequence,
+            to_append: Vec::new(),
+            events: Vec::new(),
+            replies: Vec::new(),
+            new_pending: false,
+        }
+    }
+
+    /// Encodes and folds one command's events. All or nothing: an event that does not
+    /// encode leaves the batch as it was.
+    fn push_events(
+        &mut self,
+        action_id: Uuid,
+        time: DateTime<Utc>,
+        events: Vec<(String, ActionEvent)>,
+    ) -> Result<(), LedgerError> {
+        let mut encoded = Vec::with_capacity(events.len());
+        for (actor, event) in &events {
+            let payload = event
+                .to_payload()
+                .map_err(|e| LedgerError::WriteFailed(format!("event does not encode: {e}")))?;
+            encoded.push(NewEvent {
+                kind: event.kind().to_string(),
+                time,
+                actor: actor.clone(),
+                action_id: Some(action_id),
+                payload,
+            });
+        }
+        for (_, event) in events {
+            let at = EventContext {
+                sequence: self.next_sequence,
+                time,
+                action_id,
+            };
+            // Cannot fail: callers check that new ids are new and known ids are known.
+            if let Err(e) = self.scratch.apply(at, &event) {
+                tracing::error!(error = %e, "inconsistent fold while deciding a batch");
+            }
+            if let ActionEvent::Evaluated(evaluated) = &event {
+                self.new_pending |= evaluated.status == ActionStatus::Pending;
+            }
+            self.events.push(CommittedEvent {
+                sequence: self.next_sequence,
+                action_id,
+                event,
+            });
+            self.next_sequence += 1;
+        }
+        self.to_append.extend(encoded);
+        Ok(())
+    }
+}
+
+impl Writer {
+    pub(super) fn run(self, mut queue: mpsc::Receiver<Command>) {
+        let mut commands = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = queue.blocking_recv() {
+            commands.push(first);
+            while commands.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(command) => commands.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut commands);
+        }
+    }
+
+    /// Decides, appends and publishes one batch.
+    fn commit(&self, commands: &mut Vec<Command>) {
+        if self.health.refuse_writes().is_some() {
+            for command in commands.drain(..) {
+                let refusal = || self.health.refuse_writes().unwrap_or(LedgerError::Stopped);
+                match command {
+                    Command::Check { reply, .. } => drop(reply.send(Err(refusal()))),
+                    Command::Act { reply, .. } => drop(reply.send(Err(refusal()))),
+                }
+            }
+            return;
+        }
+
+        let mut batch = Batch::new(self.log.last_sequence() + 1);
+        for command in commands.drain(..) {
+            match command {
+                Command::Check { check, reply } => match self.plan_check(*check, &mut batch) {
+                    Ok((action_id, appended)) => batch.replies.push(Reply::Check {
+                        reply,
+                        action_id,
+                        appended,
+                    }),
+                    Err(e) => drop(reply.send(Err(e))),
+                },
+                Command::Act {
+                    action_id,
+                    command,
+                    time,
+                    reply,
+                } => match self.plan_act(action_id, &command, time, &mut batch) {
+                    Ok((result, appended)) => batch.replies.push(Reply::Act {
+                        reply,
+                        action_id,
+                        result,
+                        appended,
+                    }),
+                    Err(e) => drop(reply.send(Err(e))),
+                },
+            }
+        }
+
+        let to_append = std::mem::take(&mut batch.to_append);
+        let appended = if to_append.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.log.append(to_append)
+        };
+        match appended {
+            Ok(stored) => {
+                debug_assert!(
+                    stored
+                        .first()
+                        .is_none_or(|e| e.sequence + stored.len() as u64 == batch.next_sequence)
+                );
+                self.publish(batch);
+            }
+            Err(error) => self.fail(batch, &error),
+        }
+    }
+
+    /// Decides one check: an idempotent retry of an existing action (nothing to append) or
+    /// a new action's two events. Returns the action that answers the caller and whether it
+    /// is new.
+    fn plan_check(&self, check: NewCheck, batch: &mut Batch) -> Result<(Uuid, bool), LedgerError> {
+        let requester = &check.requested.requester.id;
+        let key = &check.requested.request.idempotency_key;
+        {
+            let shared = self.state.read();
+            if !key.is_empty() {
+                let existing = batch
+                    .scratch
+                    .by_idempotency_key(requester, key)
+                    .or_else(|| shared.by_idempotency_key(requester, key));
+                if let Some(existing) = existing {
+                    return if existing.action_digest == check.requested.action_digest {
+                        Ok((existing.id, false))
+                    } else {
+                        Err(LedgerError::IdempotencyConflict {
+                            existing: existing.id,
+                        })
+                    };
+                }
+            }
+            if batch.scratch.get(&check.action_id).is_some()
+                || shared.get(&check.action_id).is_some()
+            {
+                return Err(LedgerError::WriteFailed(format!(
+                    "action id {} is already taken",
+                    check.action_id
+                )));
+            }
+        }
+        let events = vec![
+            (
+                requester.clone(),
+                ActionEvent::Requested(Box::new(check.requested)),
+            ),
+            (
+                SERVER_ACTOR.to_string(),
+                ActionEvent::Evaluated(Box::new(check.evaluated)),
+            ),
+        ];
+        batch.push_events(check.action_id, check.time, events)?;
+        Ok((check.action_id, true))
+    }
+
+    /// Decides a command on an existing action against its state after the batch so far.
+    fn plan_act(
+        &self,
+        action_id: Uuid,
+        command: &ActionCommand,
+        time: DateTime<Utc>,
+        batch: &mut Batch,
+    ) -> Result<(Result<(), Refusal>, bool), LedgerError> {
+        if batch.scratch.get(&action_id).is_none() {
+            let shared = self.state.read();
+            if shared.get(&action_id).is_none() {
+                return Err(LedgerError::NotFound(action_id));
+            }
+            batch.scratch.copy_record_from(&shared, &action_id);
+        }
+        let decided = match batch.scratch.get(&action_id) {
+            Some(record) => decide(record, command, time, &self.times),
+            None => return Err(LedgerError::NotFound(action_id)),
+        };
+        let appended = !decided.events.is_empty();
+        batch.push_events(action_id, time, decided.events)?;
+        Ok((decided.result, appended))
+    }
+
+    /// The batch is durable: make it visible, wake waiters, feed subscribers, answer.
+    fn publish(&self, batch: Batch) {
+        let Batch {
+            scratch,
+            events,
+            replies,
+            new_pending,
+            ..
+        } = batch;
+        let mut touched: Vec<Uuid> = events.iter().map(|e| e.action_id).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let feed_wanted = self.feed.receiver_count() > 0;
+
+        let mut state = self.state.write();
+        state.merge(scratch);
+        let statuses: Vec<(Uuid, ActionStatus)> = touched
+            .iter()
+            .filter_map(|id| state.get(id).map(|r| (*id, r.status)))
+            .collect();
+        // The feed carries only actions that went to review: the allow/deny fast path,
+        // the bulk of traffic, never costs subscribers (or the ring buffer) anything.
+        let records: HashMap<Uuid, Arc<ActionRecord>> = if feed_wanted {
+            touched
+                .iter()
+                .filter_map(|id| state.get(id))
+                .filter(|r| r.expires_at.is_some())
+                .map(|r| (r.id, Arc::new(r.clone())))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let answers: Vec<(Reply, Option<ActionRecord>)> = replies
+            .into_iter()
+            .map(|reply| {
+                let id = match &reply {
+                    Reply::Check { action_id, .. } | Reply::Act { action_id, .. } => *action_id,
+                };
+                let record = state.get(&id).cloned();
+                (reply, record)
+            })
+            .collect();
+        drop(state);
+
+        for (id, status) in statuses {
+            self.waiters.notify(&id, status);
+        }
+        if new_pending {
+            self.expiry_wakeup.notify_one();
+        }
+        if !records.is_empty() {
+            let events: Vec<CommittedEvent> = events
+                .into_iter()
+                .filter(|e| records.contains_key(&e.action_id))
+                .collect();
+            // No receiver left between the check and now is fine: nobody to tell.
+            let _ = self.feed.send(Arc::new(CommittedBatch { events, records }));
+        }
+        for (reply, record) in answers {
+            answer(reply, record);
+        }
+    }
+
+    /// The append failed: nothing of the batch is visible; tell every caller.
+    fn fail(&self, batch: Batch, error: &StoreError) {
+        let message = error.to_string();
+        // Only an event that could not be encoded leaves the log untouched; any other
+        // failure may have written part of a batch, or left it not durable.
+        if !matches!(error, StoreError::Encode { .. }) {
+            tracing::error!(error = %message, "event log write failed; refusing all further writes");
+            self.health
+                .refuse(WriteRefusal::NotDurable(message.clone()));
+        } else {
+            tracing::error!(error = %message, "event log append failed; nothing was written");
+        }
+        let state = self.state.read();
+        for reply in batch.replies {
+            match reply {
+                Reply::Check {
+                    reply,
+                    action_id,
+                    appended,
+                } => {
+                    let answer = if appended {
+                        Err(LedgerError::WriteFailed(message.clone()))
+                    } else {
+                        state
+                            .get(&action_id)
+                            .cloned()
+                            .map(CheckRecorded::Existing)
+                            .ok_or_else(|| LedgerError::WriteFailed(message.clone()))
+                    };
+                    let _ = reply.send(answer);
+                }
+                Reply::Act {
+                    reply,
+                    action_id,
+                    result,
+                    appended,
+                } => {
+                    let answer = if appended {
+                        Err(LedgerError::WriteFailed(message.clone()))
+                    } else {
+                        match result {
+                            Err(refusal) => Err(LedgerError::Refused(refusal)),
+                            Ok(()) => state
+                                .get(&action_id)
+                                .cloned()
+                                .ok_or(LedgerError::NotFound(action_id)),
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+        }
+    }
+}
+
+fn answer(reply: Reply, record: Option<ActionRecord>) {
+    match reply {
+        Reply::Check {
+            reply,
+            action_id,
+            appended,
+        } => {
+            let answer = match record {
+                Some(record) if appended => Ok(CheckRecorded::New(record)),
+                Some(record) => Ok(CheckRecorded::Existing(record)),
+                None => Err(LedgerError::NotFound(action_id)),
+            };
+            let _ = reply.send(answer);
+        }
+        Reply::Act {
+            reply,
+            action_id,
+            result,
+            ..
+        } => {
+            let answer = match (result, record) {
+                (Err(refusal), _) => Err(LedgerError::Refused(refusal)),
+                (Ok(()), Some(record)) => Ok(record),
+                (Ok(()), None) => Err(LedgerError::NotFound(action_id)),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+}
