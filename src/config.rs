@@ -22,6 +22,9 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// The longest one AwaitDecision call waits; clients call again while not final.
 pub const DEFAULT_MAX_AWAIT: Duration = Duration::from_secs(60);
 
+/// How long a reviewer stream may leave its buffer full before it is closed.
+pub const DEFAULT_REVIEWER_STALL_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Everything `serve` needs, fully resolved.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -33,6 +36,7 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     pub max_concurrent_streams: u32,
     pub max_await: Duration,
+    pub reviewer_stall_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -47,6 +51,7 @@ impl ServerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_await: DEFAULT_MAX_AWAIT,
+            reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
         }
     }
 }
@@ -102,6 +107,8 @@ pub struct LimitsSection {
     pub max_concurrent_streams: Option<u32>,
     /// The longest one AwaitDecision call waits (e.g. `60s`).
     pub max_await: Option<String>,
+    /// How long a reviewer stream's client may leave its buffer full (e.g. `3s`).
+    pub reviewer_stall_timeout: Option<String>,
 }
 
 impl ConfigFile {
@@ -168,6 +175,9 @@ pub fn resolve(
                 });
             }
             config.max_message_bytes = v;
+        }
+        if let Some(v) = &file.limits.reviewer_stall_timeout {
+            config.reviewer_stall_timeout = duration(path, "limits.reviewer_stall_timeout", v)?;
         }
         if let Some(v) = &file.limits.max_await {
             config.max_await = duration(path, "limits.max_await", v)?;

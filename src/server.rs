@@ -150,11 +150,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     // Ends by itself when the ledger is dropped.
     ledger.start_expiry_timer();
     let ledger_released: Weak<Ledger> = Arc::downgrade(&ledger);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let core = Arc::new(Core {
         ledger,
         policies: Arc::new(CurrentPolicies::new(config.policies.clone(), policies)),
         times: config.times,
         max_await: config.max_await,
+        reviewer_stall_timeout: config.reviewer_stall_timeout,
+        stopping,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -231,6 +234,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         let served = router
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_signal.await;
+                // Long waits and streams end now, so the graceful drain below finishes.
+                stopping_tx.send_replace(true);
             })
             .await;
         drop(health);

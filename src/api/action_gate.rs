@@ -132,12 +132,17 @@ impl ActionGate for ActionGateApi {
         if let Some(deadline) = deadline {
             wait = wait.min(deadline.saturating_sub(deadline_margin(deadline)));
         }
-        let record = self
-            .core
-            .ledger
-            .await_final(id, wait)
-            .await
-            .map_err(status::ledger)?;
+        let record = tokio::select! {
+            record = self.core.ledger.await_final(id, wait) => record,
+            () = self.core.stopped() => self
+                .core
+                .ledger
+                .actions()
+                .get(&id)
+                .cloned()
+                .ok_or(LedgerError::NotFound(id)),
+        }
+        .map_err(status::ledger)?;
         Ok(Response::new(proto::AwaitDecisionResponse {
             is_final: record.status.is_final(),
             action: Some(convert::action_record(&record)),

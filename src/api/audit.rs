@@ -3,11 +3,15 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use uuid::Uuid;
+
 use tonic::{Request, Response, Status};
 
-use super::{Core, convert, not_yet};
-use crate::auth;
+use super::{Core, convert, status, validate};
+use crate::auth::{self, roles};
 use crate::proto;
 use crate::proto::audit_service_server::AuditService;
 
@@ -21,6 +25,12 @@ impl AuditApi {
     }
 }
 
+/// Events buffered towards one auditor; the reader waits for the client (the log is on
+/// disk, so a slow auditor costs nobody else anything).
+const EVENT_STREAM_BUFFER: usize = 256;
+/// Events read from the log per blocking read.
+const READ_CHUNK: usize = 512;
+
 type EventStream =
     Pin<Box<dyn Stream<Item = Result<proto::ReadEventsResponse, Status>> + Send + 'static>>;
 
@@ -30,9 +40,31 @@ impl AuditService for AuditApi {
 
     async fn read_events(
         &self,
-        _request: Request<proto::ReadEventsRequest>,
+        request: Request<proto::ReadEventsRequest>,
     ) -> Result<Response<Self::ReadEventsStream>, Status> {
-        Err(not_yet("AuditService.ReadEvents"))
+        let principal = auth::principal(&request)?;
+        if !roles::is_auditor(&principal) {
+            return Err(Status::permission_denied(format!(
+                "{} may not read the event log; it is for members of `{}`",
+                principal.id,
+                roles::AUDITOR_GROUP
+            )));
+        }
+        let body = request.into_inner();
+        let action_id = if body.action_id.is_empty() {
+            None
+        } else {
+            Some(validate::action_id("action_id", &body.action_id).map_err(status::invalid)?)
+        };
+        let (tx, rx) = mpsc::channel(EVENT_STREAM_BUFFER);
+        tokio::spawn(stream_events(
+            self.core.clone(),
+            tx,
+            body.after_sequence,
+            action_id,
+            body.follow,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn verify_log(
@@ -53,5 +85,76 @@ impl AuditService for AuditApi {
             "event log verified"
         );
         Ok(Response::new(convert::verify_report(&report)))
+    }
+}
+
+/// Reads the log in chunks after `after`, sends matching events, and (when following)
+/// waits for the ledger to make more visible.
+async fn stream_events(
+    core: Arc<Core>,
+    tx: mpsc::Sender<Result<proto::ReadEventsResponse, Status>>,
+    after: u64,
+    action_id: Option<Uuid>,
+    follow: bool,
+) {
+    let log = core.ledger.log().clone();
+    let mut applied = core.ledger.watch_applied();
+    let mut next = after.saturating_add(1);
+    loop {
+        let head = *applied.borrow_and_update();
+        while next <= head {
+            let reader = log.clone();
+            let from = next;
+            let chunk = tokio::task::spawn_blocking(move || {
+                reader
+                    .iter_from(from)
+                    .take_while(|e| e.as_ref().map_or(true, |e| e.sequence <= head))
+                    .take(READ_CHUNK)
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await;
+            let events = match chunk {
+                Ok(Ok(events)) => events,
+                Ok(Err(e)) => {
+                    let _ = tx
+                        .send(Err(Status::data_loss(format!(
+                            "the event log cannot be read: {e}"
+                        ))))
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::internal(format!(
+                            "reading the log failed: {e}"
+                        ))))
+                        .await;
+                    return;
+                }
+            };
+            let Some(last) = events.last().map(|e| e.sequence) else {
+                break;
+            };
+            for event in events {
+                if action_id.is_some_and(|id| event.action_id != Some(id)) {
+                    continue;
+                }
+                let message = proto::ReadEventsResponse {
+                    event: Some(convert::event(&event)),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            next = last + 1;
+        }
+        if !follow {
+            return;
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+            () = core.stopped() => return,
+        }
     }
 }

@@ -57,6 +57,21 @@ pub struct Core {
     pub times: DecisionTimes,
     /// The longest one AwaitDecision call waits before answering with the current status.
     pub max_await: std::time::Duration,
+    /// How long a reviewer stream's client may leave its buffer full before it is told to
+    /// resync and closed.
+    pub reviewer_stall_timeout: std::time::Duration,
+    /// Becomes `true` when the server begins to stop: long waits answer at once and
+    /// streams end, so graceful shutdown never waits on a reviewer who never leaves.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Core {
+    /// Resolves when the server begins to stop.
+    pub async fn stopped(&self) {
+        let mut stopping = self.stopping.clone();
+        // An error means the server is gone, which is stopping too.
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
 }
 
 /// UNIMPLEMENTED, naming the RPC: the v1 surface is complete, its implementation is not yet.

@@ -2,10 +2,13 @@
 //!
 //! Each stream is one task that owns a bounded buffer towards its client. It first sends
 //! what the reviewer may review now (a snapshot, or the log since the sequence it resumes
-//! after), then follows the ledger's feed of committed batches. It never waits on its
-//! client while following: a client that does not read fills its buffer, and the stream is
-//! then told to resync and closed. A stream that falls behind the feed itself is closed the
-//! same way. Either way no other reviewer, agent or the ledger ever waits for it.
+//! after), then follows the ledger's feed of committed batches. Only this task ever waits
+//! for its client: a client that leaves its buffer full for the stall timeout
+//! (`limits.reviewer_stall_timeout`, 3 s by default) is told to
+//! resync and the stream is closed; a task that falls behind the feed itself (the feed's
+//! ring is bounded) is closed the same way. No other reviewer, agent or the ledger ever
+//! waits for a slow reviewer, and one slot of the buffer is always kept free so the resync
+//! notice can be delivered.
 //!
 //! Resuming: every message carries a log sequence number. A client that has seen
 //! `snapshot_complete` (or any later message) reconnects with the sequence of the last
@@ -85,6 +88,7 @@ impl ReviewerStream {
             let batch = tokio::select! {
                 received = feed.recv() => received,
                 () = self.tx.closed() => return Err("client went away"),
+                () = self.core.stopped() => return Err("server stopping"),
             };
             match batch {
                 Ok(batch) => {
@@ -98,7 +102,7 @@ impl ReviewerStream {
                         if let Some(message) =
                             self.message(committed.sequence, &committed.event, record)
                         {
-                            self.send_live(message)?;
+                            self.send(message).await?;
                         }
                     }
                 }
@@ -124,18 +128,18 @@ impl ReviewerStream {
         pending.sort_by_key(|r| r.last_sequence);
         let count = u32::try_from(pending.len()).unwrap_or(u32::MAX);
         for record in &pending {
-            self.send_waiting(
-                record.last_sequence,
-                StreamEvent::Pending(convert::action_record(record)),
-            )
+            self.send(proto::StreamPendingResponse {
+                sequence: record.last_sequence,
+                event: Some(StreamEvent::Pending(convert::action_record(record))),
+            })
             .await?;
         }
-        self.send_waiting(
+        self.send(proto::StreamPendingResponse {
             sequence,
-            StreamEvent::SnapshotComplete(proto::SnapshotComplete {
+            event: Some(StreamEvent::SnapshotComplete(proto::SnapshotComplete {
                 pending_count: count,
-            }),
-        )
+            })),
+        })
         .await?;
         Ok(sequence)
     }
@@ -221,25 +225,26 @@ impl ReviewerStream {
         })
     }
 
-    async fn send_waiting(&self, sequence: u64, event: StreamEvent) -> Result<(), Ended> {
-        let message = proto::StreamPendingResponse {
-            sequence,
-            event: Some(event),
-        };
-        self.tx
-            .send(Ok(message))
-            .await
-            .map_err(|_| "client went away")
-    }
-
-    /// Sends without waiting, keeping the last slot for the resync notice.
-    fn send_live(&self, message: proto::StreamPendingResponse) -> Result<(), Ended> {
-        if self.tx.capacity() <= 1 {
-            self.resync("the client is not reading fast enough")?;
+    /// Sends when the buffer has room for this message and the resync notice, waiting at
+    /// most the stall timeout for the client to make it. A group commit can carry hundreds
+    /// of new pending actions at once, so a full buffer alone is no sign of a stalled
+    /// client; not reading for that long is.
+    async fn send(&self, message: proto::StreamPendingResponse) -> Result<(), Ended> {
+        let stall_timeout = self.core.reviewer_stall_timeout;
+        match tokio::time::timeout(stall_timeout, self.tx.reserve_many(2)).await {
+            Ok(Ok(mut permits)) => {
+                // The second permit is released unused: it is the resync notice's slot.
+                if let Some(permit) = permits.next() {
+                    permit.send(Ok(message));
+                }
+                Ok(())
+            }
+            Ok(Err(_)) => Err("client went away"),
+            Err(_) => self.resync(&format!(
+                "the client did not read its stream for {}",
+                humantime::format_duration(stall_timeout)
+            )),
         }
-        self.tx
-            .try_send(Ok(message))
-            .map_err(|_| "client went away")
     }
 
     /// Tells the client to reconnect with a fresh snapshot, and ends the stream.

@@ -46,8 +46,10 @@ const MAX_BATCH: usize = 512;
 const QUEUE_CAPACITY: usize = 8192;
 
 /// Committed batches buffered for subscribers (reviewer streams). A subscriber that falls
-/// further behind than this is told to resync instead of holding memory for it.
-const FEED_CAPACITY: usize = 256;
+/// further behind than this is told to resync instead of holding memory for it. The feed
+/// carries only actions that went to review, so even a burst of hundreds of pending actions
+/// fits; the ring keeps at most this many small batches (a few MB).
+const FEED_CAPACITY: usize = 4096;
 
 pub use crate::workflow::SERVER_ACTOR;
 
@@ -150,6 +152,8 @@ pub struct Ledger {
     waiters: Arc<Waiters>,
     /// Wakes the expiry timer when a new pending action may expire sooner, and on shutdown.
     expiry_wakeup: Arc<Notify>,
+    /// The sequence of the last event made visible; followers of the log wait on it.
+    applied: watch::Receiver<u64>,
     /// Joined on drop so the last batch is flushed before the process exits.
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -239,7 +243,9 @@ impl Ledger {
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let waiters = Arc::new(Waiters::default());
         let expiry_wakeup = Arc::new(Notify::new());
+        let (applied_tx, applied) = watch::channel(state.read().applied_sequence());
         let writer = writer::Writer {
+            applied: applied_tx,
             log: log.clone(),
             state: state.clone(),
             health: health.clone(),
@@ -262,6 +268,7 @@ impl Ledger {
                 feed,
                 waiters,
                 expiry_wakeup,
+                applied,
                 writer: Mutex::new(Some(handle)),
             },
             report,
@@ -343,6 +350,11 @@ impl Ledger {
     /// after subscribing, a subscriber can tell which batches its snapshot already holds.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedBatch>> {
         self.feed.subscribe()
+    }
+
+    /// The sequence of the last visible event, changing as batches commit.
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
     }
 
     /// Read access to the current state. Hold the guard briefly: the writer waits for it.

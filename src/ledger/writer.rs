@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::waiters::Waiters;
@@ -28,6 +28,7 @@ pub(super) struct Writer {
     pub(super) waiters: Arc<Waiters>,
     pub(super) expiry_wakeup: Arc<Notify>,
     pub(super) times: DecisionTimes,
+    pub(super) applied: watch::Sender<u64>,
 }
 
 /// How a decided command will be answered once its batch is (or is not) durable.
@@ -278,6 +279,7 @@ impl Writer {
 
         let mut state = self.state.write();
         state.merge(scratch);
+        self.applied.send_replace(state.applied_sequence());
         let statuses: Vec<(Uuid, ActionStatus)> = touched
             .iter()
             .filter_map(|id| state.get(id).map(|r| (*id, r.status)))

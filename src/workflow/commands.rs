@@ -341,3 +341,271 @@ fn report_outcome(
         }),
     )])
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::TimeZone;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::{ActionRequest, ActionSpec, Effect, RiskLevel, TaskContext};
+    use crate::policy::Decision;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + seconds, 0)
+            .single()
+            .unwrap()
+    }
+
+    fn person(id: &str, groups: &[&str]) -> Principal {
+        Principal {
+            id: id.into(),
+            kind: PrincipalKind::Human,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            authenticated_by: "test".into(),
+        }
+    }
+
+    fn pending(approvals: u32, groups: &[&str]) -> ActionRecord {
+        ActionRecord {
+            id: Uuid::now_v7(),
+            requester: Principal {
+                kind: PrincipalKind::Agent,
+                ..person("deploy-bot", &[])
+            },
+            request: ActionRequest {
+                action: ActionSpec {
+                    action_type: "iam.role.grant".into(),
+                    resource: "r".into(),
+                    environment: "production".into(),
+                    parameters: Default::default(),
+                    purpose: "p".into(),
+                },
+                task: TaskContext {
+                    on_behalf_of: "alice@example.com".into(),
+                    ..Default::default()
+                },
+                idempotency_key: String::new(),
+            },
+            action_digest: "d".repeat(64),
+            trace_id: None,
+            status: ActionStatus::Pending,
+            decision: Some(Decision {
+                effect: Effect::RequireApproval,
+                risk: RiskLevel::High,
+                approvals_required: approvals,
+                reviewer_groups: groups.iter().map(|g| g.to_string()).collect(),
+                ttl_seconds: Some(600),
+                matched_rules: vec![],
+                errors: vec![],
+                defaulted: false,
+                policy_version: "v".into(),
+            }),
+            votes: vec![],
+            outcome: None,
+            created_at: at(0),
+            expires_at: Some(at(600)),
+            decided_at: None,
+            valid_until: None,
+            first_sequence: 1,
+            last_sequence: 2,
+        }
+    }
+
+    fn vote(reviewer: Principal, verdict: Verdict) -> ActionCommand {
+        ActionCommand::Review {
+            reviewer,
+            verdict,
+            reason: "because".into(),
+            expected_digest: None,
+        }
+    }
+
+    fn times() -> DecisionTimes {
+        DecisionTimes {
+            default_pending_ttl: Duration::from_secs(3600),
+            approval_validity: Duration::from_secs(300),
+        }
+    }
+
+    /// Applies accepted votes to the record, as the ledger's fold would.
+    fn with_vote(mut record: ActionRecord, reviewer: Principal) -> ActionRecord {
+        record.votes.push(crate::workflow::Vote {
+            reviewer,
+            verdict: Verdict::Approve,
+            reason: "ok".into(),
+            time: at(1),
+            sequence: 3,
+        });
+        record
+    }
+
+    fn kinds(decided: &Decided) -> Vec<&'static str> {
+        decided.events.iter().map(|(_, e)| e.kind()).collect()
+    }
+
+    #[test]
+    fn the_quorum_needs_distinct_reviewers() {
+        let record = pending(2, &["security"]);
+        let first = decide(
+            &record,
+            &vote(person("bob", &["security"]), Verdict::Approve),
+            at(1),
+            &times(),
+        );
+        assert_eq!(kinds(&first), ["review.voted"]);
+        assert!(first.result.is_ok());
+
+        let record = with_vote(record, person("bob", &["security"]));
+        let again = decide(
+            &record,
+            &vote(person("BOB", &["security"]), Verdict::Approve),
+            at(2),
+            &times(),
+        );
+        assert_eq!(kinds(&again), ["review.refused"]);
+        assert!(matches!(again.result, Err(Refusal::PermissionDenied(_))));
+
+        let second = decide(
+            &record,
+            &vote(person("carol", &["security"]), Verdict::Approve),
+            at(2),
+            &times(),
+        );
+        assert_eq!(kinds(&second), ["review.voted", "action.approved"]);
+        let ActionEvent::Approved(approved) = &second.events[1].1 else {
+            unreachable!()
+        };
+        assert_eq!(approved.approved_by, ["bob", "carol"]);
+        assert_eq!(approved.valid_until, at(302));
+    }
+
+    #[test]
+    fn one_rejection_rejects() {
+        let record = with_vote(pending(2, &["security"]), person("bob", &["security"]));
+        let decided = decide(
+            &record,
+            &vote(person("carol", &["security"]), Verdict::Reject),
+            at(2),
+            &times(),
+        );
+        assert_eq!(kinds(&decided), ["review.voted", "action.rejected"]);
+    }
+
+    #[test]
+    fn requester_on_behalf_of_agents_and_outsiders_are_refused_and_recorded() {
+        let record = pending(1, &["security"]);
+        let agent = Principal {
+            kind: PrincipalKind::Agent,
+            ..person("helper", &["security"])
+        };
+        for reviewer in [
+            person("deploy-bot", &["security"]),
+            person("Alice@Example.com", &["security"]),
+            agent,
+            person("erin", &["sre"]),
+        ] {
+            let decided = decide(
+                &record,
+                &vote(reviewer.clone(), Verdict::Approve),
+                at(1),
+                &times(),
+            );
+            assert_eq!(kinds(&decided), ["review.refused"], "{}", reviewer.id);
+            assert!(matches!(decided.result, Err(Refusal::PermissionDenied(_))));
+        }
+    }
+
+    #[test]
+    fn without_reviewer_groups_any_other_human_may_review() {
+        let record = pending(1, &[]);
+        let decided = decide(
+            &record,
+            &vote(person("zed", &[]), Verdict::Approve),
+            at(1),
+            &times(),
+        );
+        assert_eq!(kinds(&decided), ["review.voted", "action.approved"]);
+    }
+
+    #[test]
+    fn anything_after_the_expiry_expires_the_action_first() {
+        let record = pending(1, &["security"]);
+        let late = decide(
+            &record,
+            &vote(person("bob", &["security"]), Verdict::Approve),
+            at(600),
+            &times(),
+        );
+        assert_eq!(kinds(&late), ["action.expired"]);
+        assert!(matches!(late.result, Err(Refusal::FailedPrecondition(_))));
+        assert_eq!(
+            kinds(&decide(&record, &ActionCommand::Expire, at(599), &times())),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            kinds(&decide(&record, &ActionCommand::Expire, at(600), &times())),
+            ["action.expired"]
+        );
+    }
+
+    #[test]
+    fn final_actions_take_no_more_votes_or_cancellations() {
+        let mut record = pending(1, &["security"]);
+        record.status = ActionStatus::Approved;
+        let decided = decide(
+            &record,
+            &vote(person("bob", &["security"]), Verdict::Approve),
+            at(1),
+            &times(),
+        );
+        assert!(decided.events.is_empty());
+        assert!(matches!(
+            decided.result,
+            Err(Refusal::FailedPrecondition(_))
+        ));
+        let cancel = ActionCommand::Cancel {
+            by: record.requester.clone(),
+            reason: String::new(),
+        };
+        assert!(matches!(
+            decide(&record, &cancel, at(1), &times()).result,
+            Err(Refusal::FailedPrecondition(_))
+        ));
+    }
+
+    #[test]
+    fn outcomes_are_refused_after_valid_until_except_abandonment() {
+        let mut record = pending(1, &[]);
+        record.status = ActionStatus::Approved;
+        record.valid_until = Some(at(100));
+        let report = |outcome| ActionCommand::ReportOutcome {
+            by: record.requester.clone(),
+            outcome,
+            details: String::new(),
+        };
+        assert_eq!(
+            kinds(&decide(
+                &record,
+                &report(Outcome::Executed),
+                at(100),
+                &times()
+            )),
+            ["outcome.reported"]
+        );
+        let late = decide(&record, &report(Outcome::Executed), at(101), &times());
+        assert_eq!(kinds(&late), ["outcome.refused"]);
+        assert!(late.result.is_err());
+        assert_eq!(
+            kinds(&decide(
+                &record,
+                &report(Outcome::Abandoned),
+                at(101),
+                &times()
+            )),
+            ["outcome.reported"]
+        );
+    }
+}

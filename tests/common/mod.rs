@@ -9,6 +9,7 @@ use countersign::config::ServerConfig;
 use countersign::proto;
 use countersign::proto::action_gate_client::ActionGateClient;
 use countersign::proto::audit_service_client::AuditServiceClient;
+use countersign::proto::policy_service_client::PolicyServiceClient;
 use countersign::proto::review_service_client::ReviewServiceClient;
 use countersign::server::{self, RunningServer};
 use tempfile::TempDir;
@@ -27,6 +28,8 @@ pub struct TestServer {
     pub data: TempDir,
     pub policies: PathBuf,
     pub running: Option<RunningServer>,
+    /// Applied to the config at every (re)start.
+    pub tweak: fn(&mut ServerConfig),
 }
 
 impl TestServer {
@@ -35,11 +38,16 @@ impl TestServer {
     }
 
     pub async fn start_with_policies(policies: PathBuf) -> TestServer {
+        Self::start_with(policies, |_| {}).await
+    }
+
+    pub async fn start_with(policies: PathBuf, tweak: fn(&mut ServerConfig)) -> TestServer {
         let data = tempfile::tempdir().expect("temp dir");
         let mut server = TestServer {
             data,
             policies,
             running: None,
+            tweak,
         };
         server.restart().await;
         server
@@ -48,6 +56,7 @@ impl TestServer {
     pub fn config(&self) -> ServerConfig {
         let mut config = ServerConfig::new(self.data.path().join("log"), &self.policies);
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        (self.tweak)(&mut config);
         config
     }
 
@@ -83,11 +92,34 @@ impl TestServer {
         ActionGateClient::with_interceptor(self.channel().await, who.clone())
     }
 
+    /// A reviewer client whose HTTP/2 flow-control windows are small, so that not reading
+    /// its stream backs up into the server quickly (a real stalled client on a slow link).
+    pub async fn review_with_small_window(
+        &self,
+        who: &Caller,
+    ) -> ReviewServiceClient<InterceptedService<Channel, Caller>> {
+        let channel = Endpoint::from_shared(format!("http://{}", self.addr()))
+            .expect("endpoint")
+            .initial_stream_window_size(Some(16 * 1024))
+            .initial_connection_window_size(Some(16 * 1024))
+            .connect()
+            .await
+            .expect("connects");
+        ReviewServiceClient::with_interceptor(channel, who.clone())
+    }
+
     pub async fn review(
         &self,
         who: &Caller,
     ) -> ReviewServiceClient<InterceptedService<Channel, Caller>> {
         ReviewServiceClient::with_interceptor(self.channel().await, who.clone())
+    }
+
+    pub async fn policy(
+        &self,
+        who: &Caller,
+    ) -> PolicyServiceClient<InterceptedService<Channel, Caller>> {
+        PolicyServiceClient::with_interceptor(self.channel().await, who.clone())
     }
 
     pub async fn audit(
@@ -277,4 +309,33 @@ pub async fn action_gate_health(
         .expect("health answers")
         .into_inner()
         .status()
+}
+
+/// The next message of a server stream, or a test failure after 10 s: never hang a test.
+pub async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> T {
+    match tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await {
+        Ok(Ok(Some(message))) => message,
+        Ok(Ok(None)) => panic!("the stream ended"),
+        Ok(Err(status)) => panic!("the stream failed: {status:?}"),
+        Err(_) => panic!("no message within 10 s"),
+    }
+}
+
+/// Every event of the log (or of one action) as an auditor reads it.
+pub async fn read_events(server: &TestServer, action_id: &str) -> Vec<proto::Event> {
+    let mut audit = server.audit(&Caller::human("auditor", "auditors")).await;
+    let mut stream = audit
+        .read_events(proto::ReadEventsRequest {
+            after_sequence: 0,
+            action_id: action_id.to_string(),
+            follow: false,
+        })
+        .await
+        .expect("read events")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(message) = stream.message().await.expect("event stream") {
+        events.extend(message.event);
+    }
+    events
 }
