@@ -1008,3 +1008,51 @@ async fn stopping_the_server_ends_open_reviewer_streams_instead_of_waiting_for_t
         .expect("the stream ends");
     assert!(!matches!(end, Ok(Some(_))), "no more messages: {end:?}");
 }
+
+#[tokio::test]
+async fn ten_thousand_waiters_all_wake_on_one_approval() {
+    const WAITERS: usize = 10_000;
+    // HTTP/2 allows at most 1024 concurrent streams per connection (the server's limit).
+    const CONNECTIONS: usize = 12;
+    let server = TestServer::start().await;
+    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
+    let checked = gate
+        .check_action(admin_grant("many@example.com"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = checked.action_id.clone();
+
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(server.gate(&Caller::agent("iam-bot")).await);
+    }
+    let mut waiters = tokio::task::JoinSet::new();
+    for i in 0..WAITERS {
+        let mut client = clients[i % CONNECTIONS].clone();
+        let id = id.clone();
+        waiters.spawn(async move { client.await_decision(await_request(&id, 60)).await });
+    }
+    // Let every waiter reach the server before the approvals land.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for who in [
+        Caller::human("bob", "security"),
+        Caller::human("carol", "security"),
+    ] {
+        server
+            .review(&who)
+            .await
+            .submit_review(review(&id, Verdict::Approve, "ok"))
+            .await
+            .unwrap();
+    }
+
+    let mut approved = 0;
+    while let Some(joined) = waiters.join_next().await {
+        let answer = joined.unwrap().expect("waiter answered").into_inner();
+        assert!(answer.is_final);
+        assert_eq!(answer.action.unwrap().status(), ActionStatus::Approved);
+        approved += 1;
+    }
+    assert_eq!(approved, WAITERS);
+}
