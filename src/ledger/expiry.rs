@@ -12,7 +12,7 @@ use chrono::Utc;
 use parking_lot::RwLock;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::Command;
+use super::{Command, LedgerError};
 use crate::workflow::{ActionCommand, Actions};
 
 /// Upper bound on one sleep, so a clock step (NTP) delays an expiry by at most this much.
@@ -46,11 +46,23 @@ pub(super) async fn run(
                 if sender.send(command).await.is_err() {
                     return;
                 }
-                if let Ok(Err(e)) = answer.await {
-                    tracing::error!(%action_id, error = %e, "could not expire a pending action");
-                    // Writes are refused (or the log failed); retry after a pause rather
-                    // than spin.
-                    tokio::time::sleep(MAX_SLEEP).await;
+                match answer.await {
+                    Ok(Err(
+                        e @ (LedgerError::IntegrityFailure(_)
+                        | LedgerError::Poisoned(_)
+                        | LedgerError::WriteFailed(_)),
+                    )) => {
+                        // Writes stay refused until a restart, which expires everything due
+                        // at once; until then nothing can be decided anyway (fail closed).
+                        tracing::error!(%action_id, error = %e, "expiry stopped: the ledger refuses writes");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(%action_id, error = %e, "could not expire a pending action");
+                        tokio::time::sleep(MAX_SLEEP).await;
+                    }
+                    Ok(Ok(_)) => {}
+                    Err(_) => return,
                 }
             }
             continue;
