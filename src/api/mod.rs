@@ -10,6 +10,7 @@ pub mod convert;
 mod policy_admin;
 mod review;
 mod status;
+pub mod strict;
 pub mod validate;
 
 use std::path::PathBuf;
