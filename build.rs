@@ -24,9 +24,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
 
+    // `prost::Name` impls let the strict codec find a request's schema by its full name.
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_fds(descriptors)?;
+        // Decodes requests only after checking them for fields this server does not know.
+        .codec_path("crate::api::strict::StrictCodec")
+        .compile_fds_with_config(descriptors, config)?;
     Ok(())
 }

@@ -374,6 +374,17 @@ async fn a_review_needs_a_reason_and_a_verdict() {
     let status = bob.submit_review(unknown).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
+        status
+            .message()
+            .contains("SubmitReviewRequest.verdict is 9"),
+        "{}",
+        status.message()
+    );
+    let mut unset = review(&checked.action_id, Verdict::Approve, "ok");
+    unset.verdict = Verdict::Unspecified as i32;
+    let status = bob.submit_review(unset).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
         status.message().starts_with("verdict"),
         "{}",
         status.message()

@@ -11,6 +11,7 @@ mod policy_admin;
 mod review;
 mod review_stream;
 mod status;
+pub mod strict;
 pub mod validate;
 
 use std::path::PathBuf;
