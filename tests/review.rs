@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Caller, TestServer, check, next_message, read_events, string};
+use common::{Caller, Gate, TestServer, check, next_message, read_events, string};
 use countersign::proto::stream_pending_response::Event as StreamEvent;
 use countersign::proto::{self, ActionStatus, Outcome, RiskLevel, Verdict};
 use tonic::Code;
@@ -17,6 +17,18 @@ fn admin_grant(member: &str) -> proto::CheckActionRequest {
         "production",
         &[("role", string("admin")), ("member", string(member))],
     )
+}
+
+/// An agent's pending IAM admin grant, with the agent's client.
+async fn pending_grant(server: &TestServer, member: &str) -> (Gate, proto::CheckActionResponse) {
+    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
+    let checked = gate
+        .check_action(admin_grant(member))
+        .await
+        .expect("check succeeds")
+        .into_inner();
+    assert_eq!(checked.status(), ActionStatus::Pending);
+    (gate, checked)
 }
 
 fn review(id: &str, verdict: Verdict, reason: &str) -> proto::SubmitReviewRequest {
@@ -75,12 +87,7 @@ async fn a_pending_action_reaches_the_reviewer_stream_with_its_full_context() {
         }))
     ));
 
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("bob@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, checked) = pending_grant(&server, "bob@example.com").await;
 
     let message = next_message(&mut stream).await;
     assert_eq!(message.sequence, checked.sequence);
@@ -236,12 +243,7 @@ async fn self_review_and_other_forbidden_reviews_are_refused_and_recorded() {
 #[tokio::test]
 async fn two_distinct_reviewers_approve_and_the_waiting_agent_wakes_with_the_approval() {
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("bob@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (gate, checked) = pending_grant(&server, "bob@example.com").await;
     let id = checked.action_id.clone();
 
     let mut waiter = gate.clone();
@@ -297,12 +299,7 @@ async fn two_distinct_reviewers_approve_and_the_waiting_agent_wakes_with_the_app
 #[tokio::test]
 async fn a_vote_bound_to_another_digest_is_refused() {
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("z@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, checked) = pending_grant(&server, "z@example.com").await;
     let mut bob = server.review(&Caller::human("bob", "security")).await;
     let mut vote = review(&checked.action_id, Verdict::Approve, "ok");
     vote.action_digest = "0".repeat(64);
@@ -313,12 +310,7 @@ async fn a_vote_bound_to_another_digest_is_refused() {
 #[tokio::test]
 async fn one_rejection_rejects_and_later_votes_fail() {
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("mallory@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut gate, checked) = pending_grant(&server, "mallory@example.com").await;
     let id = checked.action_id.as_str();
 
     let mut bob = server.review(&Caller::human("bob", "security")).await;
@@ -350,12 +342,7 @@ async fn one_rejection_rejects_and_later_votes_fail() {
 #[tokio::test]
 async fn a_review_needs_a_reason_and_a_verdict() {
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("r@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, checked) = pending_grant(&server, "r@example.com").await;
     let mut bob = server.review(&Caller::human("bob", "security")).await;
 
     let status = bob
@@ -482,12 +469,7 @@ async fn expiry_survives_a_restart() {
 #[tokio::test]
 async fn the_requester_can_cancel_a_pending_action_and_nobody_else_can() {
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("c@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut gate, checked) = pending_grant(&server, "c@example.com").await;
     let cancel = proto::CancelActionRequest {
         action_id: checked.action_id.clone(),
         reason: "task aborted".into(),
@@ -519,12 +501,7 @@ async fn the_requester_can_cancel_a_pending_action_and_nobody_else_can() {
 #[tokio::test]
 async fn a_waiter_reconnecting_after_a_restart_gets_the_final_status() {
     let mut server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("w@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (gate, checked) = pending_grant(&server, "w@example.com").await;
     let id = checked.action_id.clone();
 
     // A waiter is still waiting when the server restarts: it gets the current status at
@@ -585,12 +562,7 @@ async fn a_waiter_reconnecting_after_a_restart_gets_the_final_status() {
 #[tokio::test]
 async fn a_caller_may_wait_only_on_its_own_actions() {
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("o@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, checked) = pending_grant(&server, "o@example.com").await;
 
     let mut other = server.gate(&Caller::agent("other-bot")).await;
     let status = other
@@ -610,12 +582,7 @@ async fn a_caller_may_wait_only_on_its_own_actions() {
 #[tokio::test]
 async fn await_decision_answers_before_the_clients_deadline() {
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("d@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (mut gate, checked) = pending_grant(&server, "d@example.com").await;
 
     let mut request = tonic::Request::new(await_request(&checked.action_id, 600));
     request.set_timeout(Duration::from_millis(500));
@@ -1026,12 +993,7 @@ async fn ten_thousand_waiters_all_wake_on_one_approval() {
     // HTTP/2 allows at most 1024 concurrent streams per connection (the server's limit).
     const CONNECTIONS: usize = 12;
     let server = TestServer::start().await;
-    let mut gate = server.gate(&Caller::agent("iam-bot")).await;
-    let checked = gate
-        .check_action(admin_grant("many@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, checked) = pending_grant(&server, "many@example.com").await;
     let id = checked.action_id.clone();
 
     let mut clients = Vec::new();

@@ -18,6 +18,9 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+/// A generated ActionGate client calling as some [`Caller`].
+pub type Gate = ActionGateClient<InterceptedService<Channel, Caller>>;
+
 /// The shipped policy directory.
 pub fn shipped_policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
@@ -85,10 +88,7 @@ impl TestServer {
             .expect("connects")
     }
 
-    pub async fn gate(
-        &self,
-        who: &Caller,
-    ) -> ActionGateClient<InterceptedService<Channel, Caller>> {
+    pub async fn gate(&self, who: &Caller) -> Gate {
         ActionGateClient::with_interceptor(self.channel().await, who.clone())
     }
 
