@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
 use crate::auth::{AuthLayer, DevelopmentIdentity};
@@ -204,7 +204,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     drop(core);
 
     let router = Server::builder()
-        .tcp_nodelay(true)
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -228,7 +227,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         ));
 
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
-    let incoming = TcpListenerStream::new(listener);
+    // Our own listener (bound early, for port 0), so tonic's `tcp_nodelay` does not reach
+    // its sockets: set it here. Without it, Nagle's algorithm and delayed ACKs add ~40 ms
+    // to small replies, such as a waiter's wake-up.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     tracing::info!(address = %local_addr, "countersign is serving");
     let task = tokio::spawn(async move {
         let served = router
