@@ -223,6 +223,7 @@ impl Watch {
 /// `watch`'s connection without stopping the server.
 struct Proxy {
     addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
     up: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
 }
@@ -231,9 +232,10 @@ impl Proxy {
     fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy binds");
         let addr = listener.local_addr().expect("proxy address");
+        let upstream = Arc::new(Mutex::new(upstream));
         let up = Arc::new(AtomicBool::new(true));
         let open = Arc::new(Mutex::new(Vec::new()));
-        let (accepting, tracked) = (up.clone(), open.clone());
+        let (target, accepting, tracked) = (upstream.clone(), up.clone(), open.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -241,7 +243,8 @@ impl Proxy {
                 if !accepting.load(Ordering::SeqCst) {
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(upstream) else {
+                let to = *target.lock().unwrap();
+                let Ok(server) = TcpStream::connect(to) else {
                     continue;
                 };
                 let mut tracked = tracked.lock().unwrap();
@@ -255,7 +258,26 @@ impl Proxy {
                 pipe(server, client);
             }
         });
-        Proxy { addr, up, open }
+        Proxy {
+            addr,
+            upstream,
+            up,
+            open,
+        }
+    }
+
+    /// Sends new connections to another server.
+    fn point_at(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
+    }
+
+    /// `watch --json` as bob of security, through this proxy.
+    fn watch(&self) -> Watch {
+        let server = format!("http://{}", self.addr);
+        let args = [
+            "watch", "--json", "--as", "bob", "--groups", "security", "--server", &server,
+        ];
+        Watch::from_command(countersign_bare(&args))
     }
 
     /// Drops every open connection and refuses new ones until `restore`.
@@ -591,17 +613,7 @@ async fn watch_resumes_after_a_dropped_connection_without_missing_or_repeating()
     let server = TestServer::start().await;
     let before = pending_admin_grant(&server).await;
     let proxy = Proxy::start(server.addr());
-    let args = [
-        "watch",
-        "--json",
-        "--as",
-        "bob",
-        "--groups",
-        "security",
-        "--server",
-        &format!("http://{}", proxy.addr),
-    ];
-    let mut watch = Watch::from_command(countersign_bare(&args));
+    let mut watch = proxy.watch();
     let complete = watch
         .until_json("snapshot_complete", |m| m["event"] == "snapshot_complete")
         .await;
@@ -661,6 +673,70 @@ async fn watch_resumes_after_a_dropped_connection_without_missing_or_repeating()
         stderr.contains(&format!("resuming after sequence {}", complete["sequence"])),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn watch_follows_the_server_through_a_restart() {
+    let mut server = TestServer::start().await;
+    pending_admin_grant(&server).await;
+    let proxy = Proxy::start(server.addr());
+    let mut watch = proxy.watch();
+    let complete = watch
+        .until_json("snapshot_complete", |m| m["event"] == "snapshot_complete")
+        .await;
+
+    // Same event log, new process (and, here, a new port behind the proxy).
+    server.restart().await;
+    proxy.point_at(server.addr());
+    let after = pending_admin_grant(&server).await;
+
+    let arrived = watch
+        .until_json("the action requested after the restart", |m| {
+            m["event"] == "pending"
+        })
+        .await;
+    assert_eq!(arrived["action"]["action_id"], after.as_str());
+    let stderr = watch.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.contains(&format!("resuming after sequence {}", complete["sequence"])),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn watch_takes_a_fresh_snapshot_when_the_server_cannot_resume() {
+    let first = TestServer::start().await;
+    pending_admin_grant(&first).await;
+    let proxy = Proxy::start(first.addr());
+    let mut watch = proxy.watch();
+    watch
+        .until_json("snapshot_complete", |m| m["event"] == "snapshot_complete")
+        .await;
+    let live = pending_admin_grant(&first).await;
+    watch
+        .until_json("a live pending action", |m| {
+            m["action"]["action_id"] == live.as_str()
+        })
+        .await;
+
+    // Another server whose log is shorter than where the watch stands: it cannot resume.
+    let second = TestServer::start().await;
+    let only = pending_admin_grant(&second).await;
+    proxy.cut();
+    proxy.point_at(second.addr());
+    proxy.restore();
+
+    watch
+        .until_json("resync_required", |m| m["event"] == "resync_required")
+        .await;
+    let fresh = watch
+        .until_json("the fresh snapshot", |m| m["event"] == "pending")
+        .await;
+    assert_eq!(fresh["action"]["action_id"], only.as_str());
+    let complete = watch
+        .until_json("snapshot_complete", |m| m["event"] == "snapshot_complete")
+        .await;
+    assert_eq!(complete["pending_count"], 1);
 }
 
 #[cfg(unix)]
