@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use countersign::cli::{self, ReviewArgs};
 use countersign::config::{self, ConfigFile, Overrides};
 use countersign::server;
 use countersign::telemetry::{self, LogFormat};
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the gRPC server on its embedded event log and the policy directory.
     Serve(ServeArgs),
+    /// Review pending actions as a human: watch, show, approve, reject, list.
+    Review(ReviewArgs),
 }
 
 #[derive(Args)]
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Review(args) => cli::run(args),
     }
 }
 
