@@ -62,7 +62,22 @@ fn text(
             format!("contains the control character U+{:04X}", bad as u32),
         ));
     }
+    if let Some(bad) = value.chars().find(|c| is_bidi_control(*c)) {
+        return Err(violation(
+            field,
+            format!(
+                "contains the bidirectional control character U+{:04X}, which can make a reviewer read something other than what is stored",
+                bad as u32
+            ),
+        ));
+    }
     Ok(value.to_string())
+}
+
+/// Characters that reorder how text is displayed ("Trojan Source"): a purpose or resource
+/// shown to a reviewer must read the way it is stored.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `iam.role.grant`: at least two lower-case segments of `[a-z0-9_-]`.
@@ -475,6 +490,13 @@ mod tests {
             a.purpose = "x".repeat(MAX_PURPOSE_BYTES + 1);
         }
         assert_eq!(check_action_request(r).unwrap_err().field, "action.purpose");
+        let mut r = request("data.export");
+        if let Some(a) = r.action.as_mut() {
+            a.purpose = "rotate key \u{202E}gnp.exe".into();
+        }
+        let err = check_action_request(r).unwrap_err();
+        assert_eq!(err.field, "action.purpose");
+        assert!(err.problem.contains("U+202E"), "{err}");
         let mut r = request("data.export");
         r.idempotency_key = "k\u{7}".into();
         assert_eq!(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
-pub use development::DevelopmentIdentity;
+pub use development::{DevelopmentIdentity, GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
 
 use crate::domain::Principal;
 

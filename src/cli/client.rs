@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::auth::{GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -13,12 +14,6 @@ use tonic::{Request, Status};
 
 use super::{CliError, CommonArgs};
 use crate::proto::review_service_client::ReviewServiceClient;
-
-// The development identity headers, as `auth::development` reads them (that module is
-// private to the server side).
-const PRINCIPAL_HEADER: &str = "x-countersign-principal";
-const KIND_HEADER: &str = "x-countersign-kind";
-const GROUPS_HEADER: &str = "x-countersign-groups";
 
 pub type ReviewClient = ReviewServiceClient<InterceptedService<Channel, Credentials>>;
 
