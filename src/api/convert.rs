@@ -141,30 +141,8 @@ pub fn action_record(record: &ActionRecord) -> proto::ActionRecord {
         task: Some(task(&record.request)),
         requester: Some(principal(&record.requester)),
         risk: decision.map_or(proto::RiskLevel::Unspecified, |d| risk(d.risk)) as i32,
-        matched_rules: decision
-            .map(|d| {
-                d.matched_rules
-                    .iter()
-                    .map(|m| proto::MatchedRule {
-                        name: m.name.clone(),
-                        message: m.message.clone(),
-                        effect: effect(m.effect) as i32,
-                        risk: risk(m.risk) as i32,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        rule_errors: decision
-            .map(|d| {
-                d.errors
-                    .iter()
-                    .map(|e| proto::RuleError {
-                        rule: e.rule.clone(),
-                        message: e.message.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        matched_rules: matched_rules(record),
+        rule_errors: rule_errors(record),
         defaulted: decision.is_some_and(|d| d.defaulted),
         approvals_required: decision.map_or(0, |d| d.approvals_required),
         reviewer_groups: decision
@@ -191,24 +169,53 @@ pub fn action_record(record: &ActionRecord) -> proto::ActionRecord {
     }
 }
 
-/// CheckAction's answer is the record's headline fields.
+fn matched_rules(record: &ActionRecord) -> Vec<proto::MatchedRule> {
+    record.decision.as_ref().map_or_else(Vec::new, |d| {
+        d.matched_rules
+            .iter()
+            .map(|m| proto::MatchedRule {
+                name: m.name.clone(),
+                message: m.message.clone(),
+                effect: effect(m.effect) as i32,
+                risk: risk(m.risk) as i32,
+            })
+            .collect()
+    })
+}
+
+fn rule_errors(record: &ActionRecord) -> Vec<proto::RuleError> {
+    record.decision.as_ref().map_or_else(Vec::new, |d| {
+        d.errors
+            .iter()
+            .map(|e| proto::RuleError {
+                rule: e.rule.clone(),
+                message: e.message.clone(),
+            })
+            .collect()
+    })
+}
+
+/// CheckAction's answer: the record's headline fields, built directly (this is the hot
+/// path; the request's own parameters are not echoed back).
 pub fn check_response(record: &ActionRecord) -> proto::CheckActionResponse {
-    let full = action_record(record);
+    let decision = record.decision.as_ref();
     proto::CheckActionResponse {
-        action_id: full.action_id,
-        status: full.status,
-        risk: full.risk,
-        matched_rules: full.matched_rules,
-        approvals_required: full.approvals_required,
-        expires_at: full.expires_at,
-        policy_version: full.policy_version,
-        action_digest: full.action_digest,
-        reviewer_groups: full.reviewer_groups,
-        rule_errors: full.rule_errors,
-        defaulted: full.defaulted,
-        trace_id: full.trace_id,
-        sequence: full.last_sequence,
-        valid_until: full.valid_until,
+        action_id: record.id.to_string(),
+        status: status(record.status) as i32,
+        risk: decision.map_or(proto::RiskLevel::Unspecified, |d| risk(d.risk)) as i32,
+        matched_rules: matched_rules(record),
+        approvals_required: record.approvals_required(),
+        expires_at: record.expires_at.map(timestamp),
+        policy_version: decision
+            .map(|d| d.policy_version.clone())
+            .unwrap_or_default(),
+        action_digest: record.action_digest.clone(),
+        reviewer_groups: record.reviewer_groups().to_vec(),
+        rule_errors: rule_errors(record),
+        defaulted: decision.is_some_and(|d| d.defaulted),
+        trace_id: record.trace_id.clone().unwrap_or_default(),
+        sequence: record.last_sequence,
+        valid_until: record.valid_until.map(timestamp),
     }
 }
 

@@ -31,13 +31,19 @@ impl Waiters {
             .subscribe()
     }
 
-    /// Called by the writer after a batch changed `id`.
-    pub(super) fn notify(&self, id: &Uuid, status: ActionStatus) {
+    /// Called by the writer after a batch, with the new status of every action it touched.
+    /// One lock per batch, and nothing to do in the common case of nobody waiting.
+    pub(super) fn notify(&self, changed: &[(Uuid, ActionStatus)]) {
         let mut by_action = self.by_action.lock();
-        if let Some(sender) = by_action.get(id) {
-            sender.send_replace(status);
-            if status.is_final() {
-                by_action.remove(id);
+        if by_action.is_empty() {
+            return;
+        }
+        for (id, status) in changed {
+            if let Some(sender) = by_action.get(id) {
+                sender.send_replace(*status);
+                if status.is_final() {
+                    by_action.remove(id);
+                }
             }
         }
     }

@@ -308,9 +308,7 @@ impl Writer {
             .collect();
         drop(state);
 
-        for (id, status) in statuses {
-            self.waiters.notify(&id, status);
-        }
+        self.waiters.notify(&statuses);
         if new_pending {
             self.expiry_wakeup.notify_one();
         }
