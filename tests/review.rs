@@ -426,6 +426,13 @@ async fn an_unanswered_action_expires_and_fails_closed() {
         panic!("expected the expiry on the stream, got {resolved:?}");
     };
     assert_eq!(resolved.status(), ActionStatus::Expired);
+    assert_eq!(resolved.decided_by, ["countersign"]);
+    assert!(
+        resolved.reason.starts_with("no decision before"),
+        "{}",
+        resolved.reason
+    );
+    assert!(resolved.decided_at.is_some());
 
     let status = reviewer
         .submit_review(review(&checked.action_id, Verdict::Approve, "too late"))
@@ -1029,4 +1036,41 @@ async fn ten_thousand_waiters_all_wake_on_one_approval() {
         approved += 1;
     }
     assert_eq!(approved, WAITERS);
+}
+
+#[tokio::test]
+async fn reviewers_see_who_resolved_an_action_and_why() {
+    let server = TestServer::start().await;
+    let mut carol = server.review(&Caller::human("carol", "security")).await;
+    let mut stream = carol
+        .stream_pending(proto::StreamPendingRequest { after_sequence: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    next_message(&mut stream).await; // snapshot complete
+    let (_, checked) = pending_grant(&server, "eve@example.com").await;
+    next_message(&mut stream).await; // pending
+
+    let mut bob = server.review(&Caller::human("bob", "security")).await;
+    bob.submit_review(review(
+        &checked.action_id,
+        Verdict::Reject,
+        "eve left the company",
+    ))
+    .await
+    .unwrap();
+
+    let vote = next_message(&mut stream).await;
+    assert!(
+        matches!(vote.event, Some(StreamEvent::VoteAdded(_))),
+        "{vote:?}"
+    );
+    let message = next_message(&mut stream).await;
+    let Some(StreamEvent::Resolved(resolved)) = message.event else {
+        panic!("expected the resolution, got {message:?}");
+    };
+    assert_eq!(resolved.status(), ActionStatus::Rejected);
+    assert_eq!(resolved.decided_by, ["bob"]);
+    assert_eq!(resolved.reason, "eve left the company");
+    assert!(resolved.decided_at.is_some());
 }

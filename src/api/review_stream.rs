@@ -28,7 +28,7 @@ use crate::domain::{Principal, PrincipalKind};
 use crate::ledger::CommittedBatch;
 use crate::proto;
 use crate::proto::stream_pending_response::Event as StreamEvent;
-use crate::workflow::{ActionEvent, ActionRecord, ActionStatus};
+use crate::workflow::{ActionEvent, ActionRecord, ActionStatus, SERVER_ACTOR, Verdict};
 
 pub type PendingStream =
     Pin<Box<dyn Stream<Item = Result<proto::StreamPendingResponse, Status>> + Send + 'static>>;
@@ -213,10 +213,7 @@ impl ReviewerStream {
             ActionEvent::Approved(_)
             | ActionEvent::Rejected(_)
             | ActionEvent::Expired(_)
-            | ActionEvent::Cancelled(_) => StreamEvent::Resolved(proto::ActionResolved {
-                action_id,
-                status: convert::status(resolved_status(event)) as i32,
-            }),
+            | ActionEvent::Cancelled(_) => StreamEvent::Resolved(resolution(record, event)),
             _ => return None,
         };
         Some(proto::StreamPendingResponse {
@@ -260,12 +257,48 @@ impl ReviewerStream {
     }
 }
 
-fn resolved_status(event: &ActionEvent) -> ActionStatus {
-    match event {
-        ActionEvent::Approved(_) => ActionStatus::Approved,
-        ActionEvent::Rejected(_) => ActionStatus::Rejected,
-        ActionEvent::Expired(_) => ActionStatus::Expired,
-        _ => ActionStatus::Cancelled,
+/// Who resolved an action, when and why, from its resolving event.
+fn resolution(record: &ActionRecord, event: &ActionEvent) -> proto::ActionResolved {
+    let (status, decided_by, reason) = match event {
+        ActionEvent::Approved(approved) => (
+            ActionStatus::Approved,
+            approved.approved_by.clone(),
+            String::new(),
+        ),
+        ActionEvent::Rejected(rejected) => (
+            ActionStatus::Rejected,
+            vec![rejected.rejected_by.clone()],
+            record
+                .votes
+                .iter()
+                .rev()
+                .find(|v| v.verdict == Verdict::Reject && v.reviewer.id == rejected.rejected_by)
+                .map(|v| v.reason.clone())
+                .unwrap_or_default(),
+        ),
+        ActionEvent::Expired(expired) => (
+            ActionStatus::Expired,
+            vec![SERVER_ACTOR.to_string()],
+            format!(
+                "no decision before {}",
+                expired
+                    .expires_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        ),
+        ActionEvent::Cancelled(cancelled) => (
+            ActionStatus::Cancelled,
+            vec![cancelled.cancelled_by.clone()],
+            cancelled.reason.clone(),
+        ),
+        _ => (record.status, Vec::new(), String::new()),
+    };
+    proto::ActionResolved {
+        action_id: record.id.to_string(),
+        status: convert::status(status) as i32,
+        decided_at: record.decided_at.map(convert::timestamp),
+        decided_by,
+        reason,
     }
 }
 

@@ -35,6 +35,9 @@ pub fn stream_message(message: &proto::StreamPendingResponse) -> Value {
             object.insert("event".into(), json!("resolved"));
             object.insert("action_id".into(), json!(resolved.action_id));
             object.insert("status".into(), json!(status(resolved.status)));
+            object.insert("decided_at".into(), timestamp(resolved.decided_at.as_ref()));
+            object.insert("decided_by".into(), json!(resolved.decided_by));
+            object.insert("reason".into(), json!(resolved.reason));
         }
         Some(StreamEvent::SnapshotComplete(complete)) => {
             object.insert("event".into(), json!("snapshot_complete"));

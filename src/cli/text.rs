@@ -313,6 +313,13 @@ pub fn resolved_line(
         }
         None => line.push_str("(no longer pending)"),
     }
+    if !resolved.decided_by.is_empty() {
+        let by: Vec<String> = resolved.decided_by.iter().map(|who| clean(who)).collect();
+        let _ = write!(line, "  by {}", by.join(", "));
+    }
+    if !resolved.reason.is_empty() {
+        let _ = write!(line, ": {}", clean(&resolved.reason));
+    }
     line.push('\n');
     line
 }

@@ -379,6 +379,7 @@ mod tests {
             StreamEvent::Resolved(proto::ActionResolved {
                 action_id: id.into(),
                 status: proto::ActionStatus::Approved as i32,
+                ..Default::default()
             }),
         )
     }
