@@ -147,8 +147,8 @@ struct VerificationKey {
 pub struct JwtAuthenticator {
     issuer: String,
     keys: Vec<VerificationKey>,
-    /// One per algorithm in use, all with the same claim checks.
-    validation: Validation,
+    /// The claim checks, one copy per algorithm: each decode allows exactly its key's.
+    validations: Vec<(Algorithm, Validation)>,
     id_claim: String,
     groups_claim: String,
     kind_claim: String,
@@ -237,20 +237,25 @@ impl JwtAuthenticator {
             }
         }
 
-        // `algorithms` is replaced per key before each decode.
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = config.leeway_seconds;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.validate_aud = true;
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.set_issuer(&[config.issuer.as_str()]);
-        validation.set_audience(&[config.audience.as_str()]);
+        let validations = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+            .into_iter()
+            .map(|algorithm| {
+                let mut validation = Validation::new(algorithm);
+                validation.leeway = config.leeway_seconds;
+                validation.validate_exp = true;
+                validation.validate_nbf = true;
+                validation.validate_aud = true;
+                validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+                validation.set_issuer(&[config.issuer.as_str()]);
+                validation.set_audience(&[config.audience.as_str()]);
+                (algorithm, validation)
+            })
+            .collect();
 
         Ok(JwtAuthenticator {
             issuer: config.issuer.clone(),
             keys,
-            validation,
+            validations,
             id_claim: config.id_claim.clone(),
             groups_claim: config.groups_claim.clone(),
             kind_claim: config.kind_claim.clone(),
@@ -298,9 +303,11 @@ impl JwtAuthenticator {
             return Err(invalid("algorithm does not match the key"));
         }
         for key in candidates {
-            let mut validation = self.validation.clone();
-            validation.algorithms = vec![key.algorithm];
-            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation) {
+            let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == key.algorithm)
+            else {
+                return Err(invalid("algorithm does not match the key"));
+            };
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
                 Ok(data) => return self.context(&data.claims),
                 // Another key of the same algorithm may have signed it.
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => continue,

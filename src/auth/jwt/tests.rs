@@ -510,6 +510,11 @@ fn a_jwks_with_private_keys_or_no_usable_key_is_refused() {
     ]}))
     .unwrap_err();
     assert!(err.to_string().contains("not a point on P-256"), "{err}");
+    let err = jwks_authenticator(&json!({"keys": [
+        {"kty": "RSA", "n": URL_SAFE_NO_PAD.encode([0xffu8; 128]), "e": "AQAB"}
+    ]}))
+    .unwrap_err();
+    assert!(err.to_string().contains("shorter than 2048 bits"), "{err}");
     assert!(jwks_authenticator(&json!({"nope": []})).is_err());
 }
 
