@@ -5,14 +5,24 @@
 //! extensions ([`principal`]). Nothing a handler does depends on how the identity was
 //! established, so real authenticators drop in without touching the handlers.
 
+pub mod chain;
+pub mod context;
+pub mod credentials;
 mod development;
+pub mod jwt;
 pub mod roles;
+pub mod token;
 
 use std::sync::Arc;
 
 use tonic::{Request, Status};
 
+pub use chain::CredentialChain;
+pub use context::{ActingFor, AuthContext, acting_for};
+pub use credentials::AuthConfigError;
 pub use development::{DevelopmentIdentity, GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
+pub use jwt::{JwtAuthenticator, JwtConfig, PublicKeyFile};
+pub use token::{StaticTokenAuthenticator, TokenConfig, TokenEntry, token_hash};
 
 use crate::domain::Principal;
 

@@ -1,0 +1,227 @@
+//! The credential authenticators together: one request, one credential, one verdict.
+//!
+//! A bearer credential shaped like a JWT goes to the JWT verifier (when configured); any
+//! other credential, and everything in `x-countersign-token`, to the static tokens. There
+//! is no fallback from one method to the other on failure, so an error always comes from
+//! the method the credential was meant for. No credential: `Missing`; a bad one: `Invalid`
+//! with a short reason that never quotes the credential.
+//!
+//! The development `x-countersign-*` identity headers are never read here: with real
+//! authentication on, a client naming itself in metadata changes nothing.
+
+use tonic::Request;
+
+use super::context::AuthContext;
+use super::credentials::{self, AuthConfigError, Source, looks_like_jwt};
+use super::jwt::JwtAuthenticator;
+use super::token::StaticTokenAuthenticator;
+use super::{AuthError, Authenticator};
+use crate::domain::Principal;
+
+/// JWTs and/or static tokens; see the module documentation.
+#[derive(Debug)]
+pub struct CredentialChain {
+    jwt: Option<JwtAuthenticator>,
+    tokens: Option<StaticTokenAuthenticator>,
+}
+
+impl CredentialChain {
+    /// At least one method must be configured: an empty chain would refuse every call,
+    /// which is a configuration mistake, not a policy.
+    pub fn new(
+        jwt: Option<JwtAuthenticator>,
+        tokens: Option<StaticTokenAuthenticator>,
+    ) -> Result<Self, AuthConfigError> {
+        if jwt.is_none() && tokens.is_none() {
+            return Err(AuthConfigError::Invalid(
+                "auth: configure at least one authentication method (jwt or tokens)".into(),
+            ));
+        }
+        Ok(CredentialChain { jwt, tokens })
+    }
+
+    /// The principal and, for a JWT naming one, the human the agent acts for.
+    pub fn authenticate_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
+        let (source, credential) = credentials::required_credential(request.metadata())?;
+        match (source, &self.jwt, &self.tokens) {
+            (Source::Bearer, Some(jwt), _) if looks_like_jwt(credential) => jwt.verify(credential),
+            (_, _, Some(tokens)) => tokens.verify(credential).map(AuthContext::from),
+            (_, _, None) => Err(AuthError::Invalid(
+                "not a JWT, and static tokens are not configured".into(),
+            )),
+        }
+    }
+}
+
+impl Authenticator for CredentialChain {
+    fn authenticate(&self, request: &Request<()>) -> Result<Principal, AuthError> {
+        self.authenticate_context(request).map(|c| c.principal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::development::{GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
+    use crate::auth::jwt::tests::{Issuer, claims};
+    use crate::auth::token::{TokenConfig, TokenEntry, token_hash};
+    use crate::domain::PrincipalKind;
+
+    const TOKEN: &str = "k8Jq2m5Zp0Xw7Rt4Yb1Nc6Vd3Lf9Gh2Sa5Qe8Wu0Io=";
+
+    fn tokens() -> StaticTokenAuthenticator {
+        StaticTokenAuthenticator::from_config(&TokenConfig {
+            tokens: vec![TokenEntry {
+                name: Some("ci".into()),
+                sha256: token_hash(TOKEN),
+                principal: "pipeline".into(),
+                kind: PrincipalKind::Agent,
+                groups: vec![],
+            }],
+        })
+        .unwrap()
+    }
+
+    fn request(pairs: &[(&'static str, &str)]) -> Request<()> {
+        let mut request = Request::new(());
+        for (k, v) in pairs {
+            request.metadata_mut().insert(*k, v.parse().unwrap());
+        }
+        request
+    }
+
+    fn chain(issuer: &Issuer) -> CredentialChain {
+        CredentialChain::new(Some(issuer.authenticator()), Some(tokens())).unwrap()
+    }
+
+    #[test]
+    fn a_jwt_goes_to_the_jwt_verifier_and_other_tokens_to_the_token_list() {
+        let issuer = Issuer::ed25519();
+        let chain = chain(&issuer);
+        let jwt = issuer.sign(&claims("deployer"));
+        let p = chain
+            .authenticate(&request(&[("authorization", &format!("Bearer {jwt}"))]))
+            .unwrap();
+        assert_eq!(p.id, "deployer");
+        assert!(p.authenticated_by.starts_with("jwt:"));
+        let p = chain
+            .authenticate(&request(&[("authorization", &format!("Bearer {TOKEN}"))]))
+            .unwrap();
+        assert_eq!(p.id, "pipeline");
+        assert_eq!(p.authenticated_by, "token:ci");
+    }
+
+    #[test]
+    fn no_credentials_are_missing() {
+        let issuer = Issuer::ed25519();
+        let err = chain(&issuer).authenticate(&request(&[])).unwrap_err();
+        assert!(matches!(err, AuthError::Missing(_)), "{err}");
+        // Identity headers alone are not credentials.
+        let err = chain(&issuer)
+            .authenticate(&request(&[(PRINCIPAL_HEADER, "alice@example.com")]))
+            .unwrap_err();
+        assert!(matches!(err, AuthError::Missing(_)), "{err}");
+    }
+
+    #[test]
+    fn a_forged_identity_header_next_to_a_valid_token_changes_nothing() {
+        let issuer = Issuer::ed25519();
+        let chain = chain(&issuer);
+        let jwt = issuer.sign(&claims("deployer"));
+        for credential in [jwt.as_str(), TOKEN] {
+            let p = chain
+                .authenticate(&request(&[
+                    ("authorization", &format!("Bearer {credential}")),
+                    (PRINCIPAL_HEADER, "alice@example.com"),
+                    (KIND_HEADER, "human"),
+                    (GROUPS_HEADER, "admins,reviewers"),
+                ]))
+                .unwrap();
+            assert_ne!(p.id, "alice@example.com");
+            assert_eq!(p.kind, PrincipalKind::Agent);
+            assert!(!p.in_group("admins"));
+        }
+    }
+
+    #[test]
+    fn a_bad_credential_is_invalid_with_a_reason_that_does_not_quote_it() {
+        let issuer = Issuer::ed25519();
+        let chain = chain(&issuer);
+        let other = Issuer::ed25519();
+        let forged = other.sign(&claims("deployer"));
+        let unknown = "bm90LWEtY29uZmlndXJlZC10b2tlbi1hdC1hbGwtISE=";
+        for (credential, reason) in [
+            (forged.as_str(), "signature does not verify"),
+            (unknown, "unknown token"),
+        ] {
+            let err = chain
+                .authenticate(&request(&[(
+                    "authorization",
+                    &format!("Bearer {credential}"),
+                )]))
+                .unwrap_err();
+            assert_eq!(err, AuthError::Invalid(reason.into()));
+            for part in credential.split('.') {
+                assert!(!err.to_string().contains(part), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_token_header_never_reaches_the_jwt_verifier() {
+        let issuer = Issuer::ed25519();
+        let jwt = issuer.sign(&claims("deployer"));
+        let err = chain(&issuer)
+            .authenticate(&request(&[("x-countersign-token", &jwt)]))
+            .unwrap_err();
+        assert_eq!(err, AuthError::Invalid("unknown token".into()));
+    }
+
+    #[test]
+    fn without_static_tokens_a_non_jwt_is_refused_and_an_empty_chain_is_a_config_error() {
+        let issuer = Issuer::ed25519();
+        let chain = CredentialChain::new(Some(issuer.authenticator()), None).unwrap();
+        let err = chain
+            .authenticate(&request(&[("authorization", &format!("Bearer {TOKEN}"))]))
+            .unwrap_err();
+        assert!(matches!(err, AuthError::Invalid(_)), "{err}");
+        assert!(CredentialChain::new(None, None).is_err());
+    }
+
+    #[test]
+    fn through_the_interceptor_a_bad_credential_is_unauthenticated_and_a_good_one_sets_the_principal()
+     {
+        use tonic::service::Interceptor as _;
+        let issuer = Issuer::p256();
+        let mut layer = crate::auth::AuthLayer::new(std::sync::Arc::new(chain(&issuer)));
+        let jwt = issuer.sign(&claims("deployer"));
+        let accepted = layer
+            .call(request(&[("authorization", &format!("Bearer {jwt}"))]))
+            .unwrap();
+        assert_eq!(crate::auth::principal(&accepted).unwrap().id, "deployer");
+        let status = layer
+            .call(request(&[(
+                "authorization",
+                "Bearer not-a-configured-token",
+            )]))
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(!status.message().contains("not-a-configured-token"));
+    }
+
+    #[test]
+    fn the_chain_passes_acting_for_through() {
+        let issuer = Issuer::ed25519();
+        let mut c = claims("alice@example.com");
+        c["act"] = serde_json::json!({"sub": "deployer"});
+        let jwt = issuer.sign(&c);
+        let context = chain(&issuer)
+            .authenticate_context(&request(&[("authorization", &format!("Bearer {jwt}"))]))
+            .unwrap();
+        assert_eq!(context.principal.id, "deployer");
+        assert_eq!(
+            context.acting_for.map(|a| a.human),
+            Some("alice@example.com".into())
+        );
+    }
+}
