@@ -299,10 +299,7 @@ impl Writer {
         let answers: Vec<(Reply, Option<ActionRecord>)> = replies
             .into_iter()
             .map(|reply| {
-                let id = match &reply {
-                    Reply::Check { action_id, .. } | Reply::Act { action_id, .. } => *action_id,
-                };
-                let record = state.get(&id).cloned();
+                let record = state.get(&reply.action_id()).cloned();
                 (reply, record)
             })
             .collect();
@@ -339,43 +336,34 @@ impl Writer {
         }
         let state = self.state.read();
         for reply in batch.replies {
-            match reply {
-                Reply::Check {
-                    reply,
-                    action_id,
-                    appended,
-                } => {
-                    let answer = if appended {
-                        Err(LedgerError::WriteFailed(message.clone()))
-                    } else {
-                        state
-                            .get(&action_id)
-                            .cloned()
-                            .map(CheckRecorded::Existing)
-                            .ok_or_else(|| LedgerError::WriteFailed(message.clone()))
-                    };
-                    let _ = reply.send(answer);
-                }
-                Reply::Act {
-                    reply,
-                    action_id,
-                    result,
-                    appended,
-                } => {
-                    let answer = if appended {
-                        Err(LedgerError::WriteFailed(message.clone()))
-                    } else {
-                        match result {
-                            Err(refusal) => Err(LedgerError::Refused(refusal)),
-                            Ok(()) => state
-                                .get(&action_id)
-                                .cloned()
-                                .ok_or(LedgerError::NotFound(action_id)),
-                        }
-                    };
-                    let _ = reply.send(answer);
-                }
+            if reply.appended() {
+                reply.refuse(LedgerError::WriteFailed(message.clone()));
+            } else {
+                // Nothing of this command was in the failed append: answer as usual.
+                let record = state.get(&reply.action_id()).cloned();
+                answer(reply, record);
             }
+        }
+    }
+}
+
+impl Reply {
+    fn action_id(&self) -> Uuid {
+        match self {
+            Reply::Check { action_id, .. } | Reply::Act { action_id, .. } => *action_id,
+        }
+    }
+
+    fn appended(&self) -> bool {
+        match self {
+            Reply::Check { appended, .. } | Reply::Act { appended, .. } => *appended,
+        }
+    }
+
+    fn refuse(self, error: LedgerError) {
+        match self {
+            Reply::Check { reply, .. } => drop(reply.send(Err(error))),
+            Reply::Act { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }
