@@ -41,7 +41,7 @@ impl CredentialChain {
     }
 
     /// The principal and, for a JWT naming one, the human the agent acts for.
-    pub fn authenticate_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
+    fn context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
         let (source, credential) = credentials::required_credential(request.metadata())?;
         match (source, &self.jwt, &self.tokens) {
             (Source::Bearer, Some(jwt), _) if looks_like_jwt(credential) => jwt.verify(credential),
@@ -55,7 +55,11 @@ impl CredentialChain {
 
 impl Authenticator for CredentialChain {
     fn authenticate(&self, request: &Request<()>) -> Result<Principal, AuthError> {
-        self.authenticate_context(request).map(|c| c.principal)
+        self.context(request).map(|c| c.principal)
+    }
+
+    fn authenticate_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
+        self.context(request)
     }
 }
 

@@ -1,8 +1,8 @@
 //! What a credential says beyond who is calling: the human an agent acts for.
 //!
-//! An authenticator that knows more than the [`Principal`] returns an [`AuthContext`]
-//! (`JwtAuthenticator::authenticate_context`, `CredentialChain::authenticate_context`).
-//! The interceptor stores it with [`AuthContext::insert_into`], which puts the
+//! An authenticator that knows more than the [`Principal`] returns an [`AuthContext`] from
+//! `Authenticator::authenticate_context` (overridden by `JwtAuthenticator` and
+//! `CredentialChain`). The interceptor stores it with [`AuthContext::insert_into`], which puts the
 //! [`Principal`] and, when there is one, the [`ActingFor`] into the request extensions;
 //! handlers read them with `auth::principal` and [`acting_for`]. Both are set by the
 //! interceptor only, before the handler runs, so a client can never supply either.

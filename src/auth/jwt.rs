@@ -266,7 +266,7 @@ impl JwtAuthenticator {
     }
 
     /// The principal and, if the token names one, the human it acts for.
-    pub fn authenticate_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
+    fn request_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
         match credentials::required_credential(request.metadata())? {
             (Source::Bearer, token) => self.verify(token),
             (Source::TokenHeader, _) => Err(AuthError::Invalid(format!(
@@ -439,7 +439,11 @@ impl JwtAuthenticator {
 
 impl Authenticator for JwtAuthenticator {
     fn authenticate(&self, request: &Request<()>) -> Result<Principal, AuthError> {
-        self.authenticate_context(request).map(|c| c.principal)
+        self.request_context(request).map(|c| c.principal)
+    }
+
+    fn authenticate_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
+        self.request_context(request)
     }
 }
 
