@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::{JwtConfig, TokenConfig};
 use crate::telemetry::LogFormat;
 use crate::workflow::DecisionTimes;
 
@@ -37,6 +38,40 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     pub max_await: Duration,
     pub reviewer_stall_timeout: Duration,
+    pub auth: AuthSettings,
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AuthSettings {
+    /// No `[auth]` section: callers name themselves in `x-countersign-*` metadata. Loopback
+    /// only; the server logs a loud warning.
+    #[default]
+    Development,
+    /// At least one credential method; identity headers are ignored.
+    Credentials {
+        /// Boxed: far larger than the other variant.
+        jwt: Option<Box<JwtConfig>>,
+        tokens: Option<TokenConfig>,
+        /// Relative key file paths are resolved against this: the config file's directory.
+        base_dir: PathBuf,
+    },
+}
+
+impl AuthSettings {
+    /// The names of the configured methods, for logs (`jwt`, `tokens`).
+    pub fn methods(&self) -> Vec<&'static str> {
+        match self {
+            AuthSettings::Development => Vec::new(),
+            AuthSettings::Credentials { jwt, tokens, .. } => [
+                jwt.as_ref().map(|_| "jwt"),
+                tokens.as_ref().map(|_| "tokens"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -52,6 +87,7 @@ impl ServerConfig {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_await: DEFAULT_MAX_AWAIT,
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
+            auth: AuthSettings::Development,
         }
     }
 }
@@ -89,6 +125,16 @@ pub struct ConfigFile {
     pub decisions: DecisionsSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Absent: development identity (loopback only).
+    pub auth: Option<AuthSection>,
+}
+
+/// `[auth]`: the credential methods. Relative paths are relative to the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub jwt: Option<JwtConfig>,
+    pub tokens: Option<TokenConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +195,14 @@ fn duration(path: &Path, field: &'static str, value: &str) -> Result<Duration, C
     Ok(parsed)
 }
 
+/// The directory relative paths in the config file are resolved against.
+fn config_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Resolves defaults ← file ← overrides.
 pub fn resolve(
     file: Option<(&Path, ConfigFile)>,
@@ -191,6 +245,20 @@ pub fn resolve(
                 });
             }
             config.max_concurrent_streams = v;
+        }
+        if let Some(auth) = file.auth {
+            if auth.jwt.is_none() && auth.tokens.is_none() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "auth",
+                    problem: "configure [auth.jwt] and/or [auth.tokens], or remove [auth] to use development identity (loopback only)".into(),
+                });
+            }
+            config.auth = AuthSettings::Credentials {
+                jwt: auth.jwt.map(Box::new),
+                tokens: auth.tokens,
+                base_dir: config_dir(path),
+            };
         }
     }
     config.listen = overrides.listen.unwrap_or(config.listen);
@@ -235,5 +303,78 @@ mod tests {
             err.to_string().contains("decisions.approval_validity"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn without_an_auth_section_it_is_development_identity() {
+        let file: ConfigFile = toml::from_str("listen = \"127.0.0.1:6000\"").unwrap();
+        let config = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap();
+        assert_eq!(config.auth, AuthSettings::Development);
+        let config = resolve(None, Overrides::default()).unwrap();
+        assert_eq!(config.auth, AuthSettings::Development);
+    }
+
+    #[test]
+    fn the_auth_section_parses_jwt_and_tokens_relative_to_the_config_file() {
+        let file: ConfigFile = toml::from_str(
+            r#"
+            [auth.jwt]
+            issuer = "https://idp.example.com"
+            audience = "countersign"
+            public_keys = [{ path = "keys/idp.pem", kid = "2026" }]
+            acting_for_claim = "on_behalf_of"
+
+            [[auth.tokens.tokens]]
+            name = "ci"
+            sha256 = "8e1f0bd7a1c1b5f2a9e7c3d4b6a8f0e2c4d6b8a0f2e4c6d8b0a2f4e6c8d0b2a4"
+            principal = "pipeline"
+            kind = "agent"
+            groups = ["deployers"]
+            "#,
+        )
+        .unwrap();
+        let config = resolve(
+            Some((Path::new("/etc/countersign/c.toml"), file)),
+            Overrides::default(),
+        )
+        .unwrap();
+        let AuthSettings::Credentials {
+            jwt,
+            tokens,
+            base_dir,
+        } = &config.auth
+        else {
+            panic!("expected credentials, got {:?}", config.auth);
+        };
+        assert_eq!(base_dir, Path::new("/etc/countersign"));
+        let jwt = jwt.as_ref().unwrap();
+        assert_eq!(jwt.issuer, "https://idp.example.com");
+        assert_eq!(jwt.public_keys[0].path, PathBuf::from("keys/idp.pem"));
+        assert_eq!(jwt.public_keys[0].kid.as_deref(), Some("2026"));
+        assert_eq!(jwt.id_claim, "sub");
+        assert_eq!(jwt.acting_for_claim.as_deref(), Some("on_behalf_of"));
+        let tokens = tokens.as_ref().unwrap();
+        assert_eq!(tokens.tokens[0].principal, "pipeline");
+        assert_eq!(config.auth.methods(), vec!["jwt", "tokens"]);
+        // A bare file name is relative to the current directory.
+        assert_eq!(config_dir(Path::new("c.toml")), PathBuf::from("."));
+    }
+
+    #[test]
+    fn unknown_auth_keys_and_an_empty_auth_section_are_refused() {
+        for text in [
+            "[auth]\nmtls = true",
+            "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\naudiance = \"a\"",
+            "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\npublic_keys = [{ path = \"k.pem\", kind = \"x\" }]",
+            "[[auth.tokens.tokens]]\nsha256 = \"00\"\nprincipal = \"p\"\nkind = \"agent\"\ntoken = \"secret\"",
+            "[[auth.tokens.tokens]]\nsha256 = \"00\"\nprincipal = \"p\"\nkind = \"admin\"",
+        ] {
+            let err = toml::from_str::<ConfigFile>(text).unwrap_err();
+            assert!(!err.to_string().is_empty(), "{text}");
+        }
+        let file: ConfigFile = toml::from_str("[auth]").unwrap();
+        let err = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("auth:"), "{err}");
+        assert!(err.to_string().contains("[auth.jwt]"), "{err}");
     }
 }
