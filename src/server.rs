@@ -17,8 +17,11 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
-use crate::auth::{AuthLayer, DevelopmentIdentity};
-use crate::config::ServerConfig;
+use crate::auth::{
+    AuthConfigError, AuthLayer, Authenticator, CredentialChain, DevelopmentIdentity,
+    JwtAuthenticator, StaticTokenAuthenticator,
+};
+use crate::config::{AuthSettings, ServerConfig};
 use crate::ledger::{Ledger, LedgerError, ReplayReport};
 use crate::policy::{PolicyError, PolicySet};
 use crate::proto;
@@ -36,6 +39,12 @@ pub enum ServeError {
         "refusing to listen on {0}: development identity mode trusts any caller, so it is only allowed on a loopback address (127.0.0.1 or [::1]); configure authentication and TLS to listen elsewhere"
     )]
     InsecureListen(SocketAddr),
+    #[error(
+        "refusing to listen on {0}: credentials would cross the network in the clear, and TLS is not available yet; listen on a loopback address (127.0.0.1 or [::1]) or put countersign behind a TLS-terminating proxy on the same host"
+    )]
+    TlsRequired(SocketAddr),
+    #[error("authentication config: {0}")]
+    Auth(#[from] AuthConfigError),
     #[error("invalid policies: {0}")]
     Policy(#[from] PolicyError),
     #[error("{0}")]
@@ -109,8 +118,13 @@ impl RunningServer {
 
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     if !config.listen.ip().is_loopback() {
-        return Err(ServeError::InsecureListen(config.listen));
+        return Err(match config.auth {
+            AuthSettings::Development => ServeError::InsecureListen(config.listen),
+            AuthSettings::Credentials { .. } => ServeError::TlsRequired(config.listen),
+        });
     }
+    // Before anything else touches the disk: a bad key file is the likeliest start-up error.
+    let authenticator = authenticator(&config.auth)?;
     // Loading compiles every rule on a thread of its own; keep it off the async workers.
     let policy_dir = config.policies.clone();
     let policies = tokio::task::spawn_blocking(move || PolicySet::load_dir(&policy_dir))
@@ -130,10 +144,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .map_err(|e| ServeError::Startup(e.to_string()))??;
     log_replay(&config, &replay);
 
-    tracing::warn!(
-        "DEVELOPMENT IDENTITY MODE: callers name themselves with x-countersign-* metadata; \
-         nothing is authenticated. Loopback only; every event records `development-header`."
-    );
+    match &config.auth {
+        AuthSettings::Development => tracing::warn!(
+            "DEVELOPMENT IDENTITY MODE: callers name themselves with x-countersign-* metadata; \
+             nothing is authenticated. Loopback only; every event records `development-header`."
+        ),
+        auth @ AuthSettings::Credentials { .. } => tracing::info!(
+            methods = %auth.methods().join(","),
+            "authentication on; x-countersign-* identity headers are ignored"
+        ),
+    }
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -192,7 +212,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .build_v1alpha()
         .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
 
-    let auth = AuthLayer::new(Arc::new(DevelopmentIdentity));
+    let auth = AuthLayer::new(authenticator);
     let max = config.max_message_bytes;
     let action_gate =
         ActionGateServer::new(ActionGateApi::new(core.clone())).max_decoding_message_size(max);
@@ -254,6 +274,31 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         shutdown: Some(shutdown),
         task,
     })
+}
+
+/// The one authenticator of this server: development identity without an `[auth]`
+/// section, otherwise the credential chain (key files are read here, once).
+fn authenticator(settings: &AuthSettings) -> Result<Arc<dyn Authenticator>, ServeError> {
+    match settings {
+        AuthSettings::Development => Ok(Arc::new(DevelopmentIdentity)),
+        AuthSettings::Credentials {
+            jwt,
+            tokens,
+            base_dir,
+        } => {
+            let jwt = jwt
+                .as_deref()
+                .map(|c| JwtAuthenticator::from_config(c, base_dir))
+                .transpose()?;
+            let tokens = tokens
+                .as_ref()
+                .map(StaticTokenAuthenticator::from_config)
+                .transpose()?;
+            // Debug output names issuers, key counts and token names, never keys or hashes.
+            tracing::debug!(?jwt, ?tokens, "credential authenticators loaded");
+            Ok(Arc::new(CredentialChain::new(jwt, tokens)?))
+        }
+    }
 }
 
 /// Reflection describes every service the server offers, so grpcurl and buf need no files.
