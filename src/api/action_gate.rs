@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::{Core, convert, status, validate};
 use crate::auth::{self, roles};
+use crate::domain::TaskContext;
 use crate::ledger::{CheckRecorded, LedgerError, NewCheck};
 use crate::policy::EvaluationInput;
 use crate::proto;
@@ -27,6 +28,33 @@ impl ActionGateApi {
     }
 }
 
+/// The human the credential says the agent acts for becomes `task.on_behalf_of`.
+///
+/// An empty `on_behalf_of` is filled in from the credential; one that names the same human
+/// (case-insensitively, as reviews compare identities) is kept; one that names someone else
+/// is PERMISSION_DENIED, since a request body must not contradict its credential. The
+/// filled-in task is what the action's digest and its `action.requested` event record.
+/// Without [`auth::ActingFor`] the request's field stands as sent.
+fn apply_acting_for(
+    task: &mut TaskContext,
+    acting_for: Option<&auth::ActingFor>,
+) -> Result<(), Status> {
+    let Some(acting_for) = acting_for else {
+        return Ok(());
+    };
+    if task.on_behalf_of.is_empty() {
+        task.on_behalf_of = acting_for.human.clone();
+        return Ok(());
+    }
+    if task.on_behalf_of.eq_ignore_ascii_case(&acting_for.human) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "the token acts for {}; the request names {} in task.on_behalf_of",
+        acting_for.human, task.on_behalf_of
+    )))
+}
+
 #[tonic::async_trait]
 impl ActionGate for ActionGateApi {
     async fn check_action(
@@ -34,9 +62,11 @@ impl ActionGate for ActionGateApi {
         request: Request<proto::CheckActionRequest>,
     ) -> Result<Response<proto::CheckActionResponse>, Status> {
         let principal = auth::principal(&request)?;
+        let acting_for = auth::acting_for(&request);
         let trace_id = telemetry::trace_id(request.metadata());
-        let action =
+        let mut action =
             validate::check_action_request(request.into_inner()).map_err(status::invalid)?;
+        apply_acting_for(&mut action.task, acting_for.as_ref())?;
         let ledger = &self.core.ledger;
         if let Some(refusal) = ledger.write_refusal() {
             return Err(status::ledger(refusal));
@@ -227,4 +257,50 @@ fn client_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> 
 /// How long before the client's deadline to answer: enough for the reply to travel.
 fn deadline_margin(deadline: Duration) -> Duration {
     (deadline / 10).clamp(Duration::from_millis(5), Duration::from_millis(250))
+}
+
+#[cfg(test)]
+mod acting_for_tests {
+    use super::*;
+
+    fn alice() -> auth::ActingFor {
+        auth::ActingFor {
+            human: "alice@example.com".into(),
+            asserted: false,
+        }
+    }
+
+    fn task(on_behalf_of: &str) -> TaskContext {
+        TaskContext {
+            on_behalf_of: on_behalf_of.into(),
+            ..TaskContext::default()
+        }
+    }
+
+    #[test]
+    fn the_credentials_human_fills_an_empty_on_behalf_of() {
+        let mut t = task("");
+        apply_acting_for(&mut t, Some(&alice())).unwrap();
+        assert_eq!(t.on_behalf_of, "alice@example.com");
+    }
+
+    #[test]
+    fn the_same_human_is_kept_and_without_acting_for_the_request_stands() {
+        let mut t = task("Alice@Example.com");
+        apply_acting_for(&mut t, Some(&alice())).unwrap();
+        assert_eq!(t.on_behalf_of, "Alice@Example.com");
+        let mut t = task("bob");
+        apply_acting_for(&mut t, None).unwrap();
+        assert_eq!(t.on_behalf_of, "bob");
+    }
+
+    #[test]
+    fn a_request_naming_another_human_than_the_token_is_denied() {
+        let status = apply_acting_for(&mut task("bob"), Some(&alice())).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "the token acts for alice@example.com; the request names bob in task.on_behalf_of"
+        );
+    }
 }
