@@ -28,7 +28,14 @@ enum Command {
     Serve(ServeArgs),
     /// Review pending actions as a human: watch, show, approve, reject, list.
     Review(ReviewArgs),
+    /// Read a static API token from stdin and print the SHA-256 to put in
+    /// `[[auth.tokens.tokens]] sha256` (generate one with `openssl rand -base64 32`).
+    TokenHash,
 }
+
+/// Shortest token `token-hash` accepts. Static tokens are stored as a plain SHA-256, which
+/// protects only high-entropy tokens (`openssl rand -base64 32` gives 44 characters).
+const MIN_TOKEN_CHARS: usize = 32;
 
 #[derive(Args)]
 struct ServeArgs {
@@ -54,7 +61,31 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Review(args) => cli::run(args),
+        Command::TokenHash => token_hash(),
     }
+}
+
+/// `countersign token-hash`: one line from stdin, trimmed; the hash on stdout. The token is
+/// never echoed, not even in an error.
+fn token_hash() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        return fail(&format!("cannot read the token from stdin: {e}"));
+    }
+    let token = line.trim();
+    if token.is_empty() {
+        return fail(
+            &"no token on stdin; pipe one in, e.g. `openssl rand -base64 32 | tee token | countersign token-hash`",
+        );
+    }
+    let chars = token.chars().count();
+    if chars < MIN_TOKEN_CHARS {
+        return fail(&format!(
+            "the token has {chars} characters; use a random token of at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -base64 32`)"
+        ));
+    }
+    println!("{}", countersign::auth::token_hash(token));
+    ExitCode::SUCCESS
 }
 
 fn serve(args: ServeArgs) -> ExitCode {

@@ -146,3 +146,44 @@ async fn the_binary_serves_health_and_stops_cleanly_on_sigterm() {
         "graceful exit on SIGTERM"
     );
 }
+
+fn token_hash(stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = countersign()
+        .arg("token-hash")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("writes the token");
+    child.wait_with_output().expect("token-hash ends")
+}
+
+#[test]
+fn token_hash_prints_the_sha256_the_config_wants() {
+    let token = "k8Jq2m5Zp0Xw7Rt4Yb1Nc6Vd3Lf9Gh2Sa5Qe8Wu0Io=";
+    let output = token_hash(&format!("  {token}\n"));
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        countersign::auth::token_hash(token)
+    );
+}
+
+#[test]
+fn token_hash_refuses_empty_and_short_tokens_without_echoing_them() {
+    for stdin in ["", "\n", "short-secret-1234\n"] {
+        let output = token_hash(stdin);
+        assert_eq!(output.status.code(), Some(2), "{stdin:?}");
+        assert!(output.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.starts_with("countersign: "), "{stderr}");
+        assert!(!stderr.contains("short-secret"), "{stderr}");
+    }
+}
