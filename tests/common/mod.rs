@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use countersign::config::ServerConfig;
+use countersign::config::{AuthSettings, ServerConfig};
 use countersign::proto;
 use countersign::proto::action_gate_client::ActionGateClient;
 use countersign::proto::audit_service_client::AuditServiceClient;
@@ -33,6 +33,8 @@ pub struct TestServer {
     pub running: Option<RunningServer>,
     /// Applied to the config at every (re)start.
     pub tweak: fn(&mut ServerConfig),
+    /// How callers authenticate; development identity unless started with `start_with_auth`.
+    pub auth: AuthSettings,
 }
 
 impl TestServer {
@@ -51,14 +53,30 @@ impl TestServer {
             policies,
             running: None,
             tweak,
+            auth: AuthSettings::Development,
         };
         server.restart().await;
         server
     }
 
+    /// The shipped policies behind the given authentication (e.g. JWTs and static tokens).
+    /// Returns the server, or the reason it refused to start.
+    pub async fn try_start_with_auth(auth: AuthSettings) -> Result<TestServer, server::ServeError> {
+        let mut server = TestServer {
+            data: tempfile::tempdir().expect("temp dir"),
+            policies: shipped_policies(),
+            running: None,
+            tweak: |_| {},
+            auth,
+        };
+        server.running = Some(server::start(server.config()).await?);
+        Ok(server)
+    }
+
     pub fn config(&self) -> ServerConfig {
         let mut config = ServerConfig::new(self.data.path().join("log"), &self.policies);
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.auth = self.auth.clone();
         (self.tweak)(&mut config);
         config
     }
