@@ -377,4 +377,28 @@ mod tests {
         assert!(err.to_string().contains("auth:"), "{err}");
         assert!(err.to_string().contains("[auth.jwt]"), "{err}");
     }
+
+    #[test]
+    fn the_example_config_parses_with_and_without_its_auth_section_commented_out() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
+        assert_eq!(config.auth, AuthSettings::Development);
+
+        // Uncomment the [auth] block one level: "# x" becomes "x", "# # x" stays a comment.
+        let start = text.find("# [auth.jwt]").unwrap();
+        let uncommented: String = text[start..]
+            .lines()
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .unwrap_or(line.trim_start_matches('#'))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = format!("{}{uncommented}\n", &text[..start]);
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
+        assert_eq!(config.auth.methods(), vec!["jwt", "tokens"]);
+    }
 }

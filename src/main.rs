@@ -39,7 +39,7 @@ const MIN_TOKEN_CHARS: usize = 32;
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on. Only loopback addresses are allowed until authentication is configured.
+    /// Address to listen on. Only loopback addresses are allowed until TLS is available.
     #[arg(long, env = "COUNTERSIGN_LISTEN", value_name = "ADDR", help = format!("Address to listen on [default: {}]", config::DEFAULT_LISTEN))]
     listen: Option<SocketAddr>,
     /// Directory of the sled event log (created if missing).
