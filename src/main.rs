@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use countersign::auth::credentials::MAX_CREDENTIAL_BYTES;
 use countersign::cli::{self, ReviewArgs};
 use countersign::config::{self, ConfigFile, Overrides};
 use countersign::server;
@@ -36,6 +37,9 @@ enum Command {
 /// Shortest token `token-hash` accepts. Static tokens are stored as a plain SHA-256, which
 /// protects only high-entropy tokens (`openssl rand -base64 32` gives 44 characters).
 const MIN_TOKEN_CHARS: usize = 32;
+/// Most bytes `token-hash` reads: more than any credential the server accepts, so a
+/// longer line is refused below rather than hashed cut short.
+const MAX_TOKEN_LINE_BYTES: u64 = 2 * MAX_CREDENTIAL_BYTES as u64;
 
 #[derive(Args)]
 struct ServeArgs {
@@ -68,8 +72,11 @@ fn main() -> ExitCode {
 /// `countersign token-hash`: one line from stdin, trimmed; the hash on stdout. The token is
 /// never echoed, not even in an error.
 fn token_hash() -> ExitCode {
+    use std::io::{BufRead as _, Read as _};
     let mut line = String::new();
-    if let Err(e) = std::io::stdin().read_line(&mut line) {
+    // A token is one short line; do not buffer whatever else might be piped in.
+    let mut stdin = std::io::stdin().lock().take(MAX_TOKEN_LINE_BYTES);
+    if let Err(e) = stdin.read_line(&mut line) {
         return fail(&format!("cannot read the token from stdin: {e}"));
     }
     let token = line.trim();
@@ -82,6 +89,11 @@ fn token_hash() -> ExitCode {
     if chars < MIN_TOKEN_CHARS {
         return fail(&format!(
             "the token has {chars} characters; use a random token of at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -base64 32`)"
+        ));
+    }
+    if token.len() > MAX_CREDENTIAL_BYTES {
+        return fail(&format!(
+            "the token is longer than {MAX_CREDENTIAL_BYTES} bytes, which the server never accepts"
         ));
     }
     println!("{}", countersign::auth::token_hash(token));

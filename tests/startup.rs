@@ -178,7 +178,8 @@ fn token_hash_prints_the_sha256_the_config_wants() {
 
 #[test]
 fn token_hash_refuses_empty_and_short_tokens_without_echoing_them() {
-    for stdin in ["", "\n", "short-secret-1234\n"] {
+    let long = format!("{}\n", "x".repeat(9 * 1024));
+    for stdin in ["", "\n", "short-secret-1234\n", long.as_str()] {
         let output = token_hash(stdin);
         assert_eq!(output.status.code(), Some(2), "{stdin:?}");
         assert!(output.stdout.is_empty());
