@@ -2,8 +2,9 @@
 //!
 //! Authentication runs once per call, as a tonic interceptor in front of every countersign
 //! service ([`AuthLayer`]); handlers only ever read the [`Principal`] (and the
-//! [`ActingFor`], if any) it left in the request extensions ([`principal`], [`acting_for`]). Nothing a handler does depends on how the identity was
-//! established, so real authenticators drop in without touching the handlers.
+//! [`ActingFor`], if any) it left in the request extensions ([`principal`], [`acting_for`]).
+//! Nothing a handler does depends on how the identity was established, so real
+//! authenticators drop in without touching the handlers.
 
 pub mod chain;
 pub mod context;
