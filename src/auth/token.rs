@@ -35,7 +35,7 @@ pub struct TokenConfig {
 }
 
 /// One accepted token and the principal it stands for.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TokenEntry {
     /// A label for logs and `authenticated_by` (e.g. `ci-deployer-2026`); defaults to the
@@ -49,6 +49,20 @@ pub struct TokenEntry {
     pub kind: PrincipalKind,
     #[serde(default)]
     pub groups: Vec<String>,
+}
+
+/// Never prints the hash: a config dumped into a log must not hand out what a token is
+/// checked against.
+impl std::fmt::Debug for TokenEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenEntry")
+            .field("name", &self.name)
+            .field("sha256", &"<redacted>")
+            .field("principal", &self.principal)
+            .field("kind", &self.kind)
+            .field("groups", &self.groups)
+            .finish()
+    }
 }
 
 /// The value to put in `sha256` for `token`: lower-case hex of its SHA-256.
@@ -184,6 +198,20 @@ fn parse_hash(value: &str) -> Option<[u8; 32]> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_token_entry_never_prints_its_hash() {
+        let entry = TokenEntry {
+            name: Some("ci".into()),
+            sha256: token_hash("a-very-long-and-random-token-value-0123456789"),
+            principal: "pipeline".into(),
+            kind: PrincipalKind::Agent,
+            groups: vec![],
+        };
+        let printed = format!("{entry:?}");
+        assert!(!printed.contains(&entry.sha256), "{printed}");
+        assert!(printed.contains("pipeline"));
+    }
     use super::*;
     use crate::auth::credentials::TOKEN_HEADER;
     use crate::auth::development::PRINCIPAL_HEADER;
