@@ -161,6 +161,31 @@ async fn review(server: &TestServer, sends: Sends) -> Review {
 }
 
 /// A production IAM admin grant: pending, reviewed by `security`; on behalf of nobody.
+/// Checks the admin grant as `sends`, then reads the recorded action back with the same
+/// credential.
+async fn check_and_read_back(
+    server: &TestServer,
+    sends: Sends,
+) -> (proto::CheckActionResponse, proto::ActionRecord) {
+    let checked = gate(server, sends.clone())
+        .await
+        .check_action(admin_grant())
+        .await
+        .expect("check succeeds")
+        .into_inner();
+    let action = review(server, sends)
+        .await
+        .get_action(proto::GetActionRequest {
+            action_id: checked.action_id.clone(),
+        })
+        .await
+        .expect("the caller reads its action back")
+        .into_inner()
+        .action
+        .expect("action");
+    (checked, action)
+}
+
 fn admin_grant() -> proto::CheckActionRequest {
     let mut request = check(
         "iam.role.grant",
@@ -248,23 +273,8 @@ async fn a_valid_agent_token_checks_an_action_recorded_under_its_subject() {
     let issuer = Issuer::new();
     let (server, _keys) = server(&issuer).await;
     let token = issuer.sign(&claims("deployer"));
-    let checked = gate(&server, Sends::bearer(&token))
-        .await
-        .check_action(admin_grant())
-        .await
-        .expect("check succeeds")
-        .into_inner();
+    let (checked, action) = check_and_read_back(&server, Sends::bearer(&token)).await;
     assert_eq!(checked.status(), ActionStatus::Pending);
-    let action = review(&server, Sends::bearer(&token))
-        .await
-        .get_action(proto::GetActionRequest {
-            action_id: checked.action_id,
-        })
-        .await
-        .expect("the requester reads its action")
-        .into_inner()
-        .action
-        .expect("action");
     let requester = action.requester.expect("requester");
     assert_eq!(requester.id, "deployer");
     assert_eq!(requester.kind(), proto::PrincipalKind::Agent);
@@ -280,22 +290,7 @@ async fn a_forged_identity_header_next_to_a_valid_token_changes_nothing() {
         .and("x-countersign-principal", "alice")
         .and("x-countersign-kind", "human")
         .and("x-countersign-groups", "security,admins");
-    let checked = gate(&server, sends.clone())
-        .await
-        .check_action(admin_grant())
-        .await
-        .expect("check succeeds")
-        .into_inner();
-    let action = review(&server, sends.clone())
-        .await
-        .get_action(proto::GetActionRequest {
-            action_id: checked.action_id.clone(),
-        })
-        .await
-        .expect("get action")
-        .into_inner()
-        .action
-        .expect("action");
+    let (checked, action) = check_and_read_back(&server, sends.clone()).await;
     let requester = action.requester.expect("requester");
     assert_eq!(requester.id, "deployer");
     assert_eq!(requester.kind(), proto::PrincipalKind::Agent);
@@ -317,22 +312,7 @@ async fn a_static_token_works_and_an_agent_token_cannot_review() {
         Sends::bearer(PIPELINE_TOKEN),
         Sends::default().and("x-countersign-token", PIPELINE_TOKEN),
     ] {
-        let checked = gate(&server, sends.clone())
-            .await
-            .check_action(admin_grant())
-            .await
-            .expect("check succeeds")
-            .into_inner();
-        let action = review(&server, sends.clone())
-            .await
-            .get_action(proto::GetActionRequest {
-                action_id: checked.action_id.clone(),
-            })
-            .await
-            .expect("get action")
-            .into_inner()
-            .action
-            .expect("action");
+        let (checked, action) = check_and_read_back(&server, sends.clone()).await;
         let requester = action.requester.expect("requester");
         assert_eq!(requester.id, "pipeline");
         assert_eq!(requester.authenticated_by, "token:pipeline");
@@ -396,22 +376,7 @@ async fn an_agent_acting_for_alice_records_her_and_she_cannot_approve() {
     let mut delegated = claims("alice");
     delegated["act"] = json!({"sub": "deployer"});
     let token = issuer.sign(&delegated);
-    let checked = gate(&server, Sends::bearer(&token))
-        .await
-        .check_action(admin_grant())
-        .await
-        .expect("check succeeds")
-        .into_inner();
-    let action = review(&server, Sends::bearer(&token))
-        .await
-        .get_action(proto::GetActionRequest {
-            action_id: checked.action_id.clone(),
-        })
-        .await
-        .expect("get action")
-        .into_inner()
-        .action
-        .expect("action");
+    let (checked, action) = check_and_read_back(&server, Sends::bearer(&token)).await;
     assert_eq!(action.requester.expect("requester").id, "deployer");
     assert_eq!(action.task.expect("task").on_behalf_of, "alice");
 

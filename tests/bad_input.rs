@@ -78,13 +78,9 @@ async fn call_raw(
 
 const CHECK_ACTION: &str = "/countersign.v1.ActionGate/CheckAction";
 
-fn varint(mut value: u64) -> Vec<u8> {
+fn varint(value: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
+    prost::encoding::encode_varint(value, &mut out);
     out
 }
 

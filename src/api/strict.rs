@@ -936,13 +936,9 @@ mod tests {
 
     // --- wire helpers ---
 
-    fn varint(mut value: u64) -> Vec<u8> {
+    fn varint(value: u64) -> Vec<u8> {
         let mut out = Vec::new();
-        while value >= 0x80 {
-            out.push((value as u8) | 0x80);
-            value >>= 7;
-        }
-        out.push(value as u8);
+        prost::encoding::encode_varint(value, &mut out);
         out
     }
 
