@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::{JwtConfig, TokenConfig};
+use crate::auth::{JwtConfig, RolesConfig, TokenConfig};
 use crate::telemetry::LogFormat;
 use crate::workflow::DecisionTimes;
 
@@ -39,6 +39,7 @@ pub struct ServerConfig {
     pub max_await: Duration,
     pub reviewer_stall_timeout: Duration,
     pub auth: AuthSettings,
+    pub roles: RolesConfig,
 }
 
 /// How callers are authenticated.
@@ -88,6 +89,7 @@ impl ServerConfig {
             max_await: DEFAULT_MAX_AWAIT,
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
             auth: AuthSettings::Development,
+            roles: RolesConfig::default(),
         }
     }
 }
@@ -127,6 +129,8 @@ pub struct ConfigFile {
     pub limits: LimitsSection,
     /// Absent: development identity (loopback only).
     pub auth: Option<AuthSection>,
+    /// Absent: the defaults of [`RolesConfig`].
+    pub roles: Option<RolesConfig>,
 }
 
 /// `[auth]`: the credential methods. Relative paths are relative to the config file.
@@ -245,6 +249,14 @@ pub fn resolve(
                 });
             }
             config.max_concurrent_streams = v;
+        }
+        if let Some(roles) = file.roles {
+            roles.validate().map_err(|problem| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: "roles",
+                problem,
+            })?;
+            config.roles = roles;
         }
         if let Some(auth) = file.auth {
             if auth.jwt.is_none() && auth.tokens.is_none() {
@@ -379,12 +391,28 @@ mod tests {
     }
 
     #[test]
+    fn roles_are_read_and_bad_group_names_refused() {
+        let file: ConfigFile =
+            toml::from_str("[roles]\nreviewers = [\"sre\"]\nauditors = [\"soc2\"]").unwrap();
+        let config = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap();
+        assert_eq!(config.roles.reviewers, vec!["sre"]);
+        assert_eq!(config.roles.auditors, vec!["soc2"]);
+        // Unset keys keep their defaults.
+        assert_eq!(config.roles.admins, vec!["admins"]);
+        let file: ConfigFile = toml::from_str("[roles]\nadmins = [\"on call\"]").unwrap();
+        let err = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("roles.admins"), "{err}");
+        assert!(toml::from_str::<ConfigFile>("[roles]\nauditor = [\"x\"]").is_err());
+    }
+
+    #[test]
     fn the_example_config_parses_with_and_without_its_auth_section_commented_out() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         let file: ConfigFile = toml::from_str(&text).unwrap();
         let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
         assert_eq!(config.auth, AuthSettings::Development);
+        assert_eq!(config.roles, RolesConfig::default());
 
         // Uncomment the [auth] block one level: "# x" becomes "x", "# # x" stays a comment.
         let start = text.find("# [auth.jwt]").unwrap();

@@ -50,6 +50,19 @@ impl fmt::Display for PrincipalKind {
     }
 }
 
+/// Who vouches for the human named in [`TaskContext::on_behalf_of`]. Reviewers and
+/// auditors must be able to tell a verified delegation from a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBehalfOfSource {
+    /// The caller's credential names the human (e.g. a JWT's `act` claim), or the caller
+    /// is that human.
+    Credential,
+    /// Only the caller says so: an agent the configuration trusts to assert it, or a
+    /// development identity.
+    Asserted,
+}
+
 /// Everything a caller submits with CheckAction, validated and converted from protobuf.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionRequest {

@@ -15,11 +15,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tower::Layer as _;
 
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
 use crate::auth::{
-    AuthConfigError, AuthLayer, Authenticator, CredentialChain, DevelopmentIdentity,
-    JwtAuthenticator, StaticTokenAuthenticator,
+    AuthConfigError, Authenticator, CredentialChain, DevelopmentIdentity, GuardLayer,
+    JwtAuthenticator, Roles, StaticTokenAuthenticator, start_denial_recorder,
 };
 use crate::config::{AuthSettings, ServerConfig};
 use crate::ledger::{Ledger, LedgerError, ReplayReport};
@@ -125,6 +126,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     }
     // Before anything else touches the disk: a bad key file is the likeliest start-up error.
     let authenticator = authenticator(&config.auth)?;
+    let roles = Arc::new(
+        Roles::new(config.roles.clone())
+            .map_err(|problem| ServeError::Auth(AuthConfigError::Invalid(problem)))?,
+    );
     // Loading compiles every rule on a thread of its own; keep it off the async workers.
     let policy_dir = config.policies.clone();
     let policies = tokio::task::spawn_blocking(move || PolicySet::load_dir(&policy_dir))
@@ -212,7 +217,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .build_v1alpha()
         .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
 
-    let auth = AuthLayer::new(authenticator);
+    // Refusals are recorded by a task of their own, which holds the ledger until the last
+    // guard is dropped with the router, so a graceful stop records the final summaries.
+    let (denials, _recorder) = start_denial_recorder(core.ledger.clone());
+    let guard = GuardLayer::new(authenticator, roles, denials);
     let max = config.max_message_bytes;
     let action_gate =
         ActionGateServer::new(ActionGateApi::new(core.clone())).max_decoding_message_size(max);
@@ -230,21 +238,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            action_gate,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            review,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            audit,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            policy, auth,
-        ));
+        .add_service(guard.layer(action_gate))
+        .add_service(guard.layer(review))
+        .add_service(guard.layer(audit))
+        .add_service(guard.layer(policy));
 
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     // Our own listener (bound early, for port 0), so tonic's `tcp_nodelay` does not reach

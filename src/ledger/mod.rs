@@ -29,7 +29,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::store::{EventLog, StoreError, StoredEvent, VerifyReport};
+use crate::store::{EventLog, NewEvent, StoreError, StoredEvent, VerifyReport};
 use crate::workflow::record::EventContext;
 use crate::workflow::{
     ActionCommand, ActionEvent, ActionRecord, ActionRequested, Actions, DecisionTimes,
@@ -130,6 +130,11 @@ enum Command {
         command: ActionCommand,
         time: DateTime<Utc>,
         reply: oneshot::Sender<Result<ActionRecord, LedgerError>>,
+    },
+    /// Events about no action (access denials, policy reloads): appended as given.
+    Record {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
     },
 }
 
@@ -325,6 +330,18 @@ impl Ledger {
         .await
     }
 
+    /// Appends events that concern no action, such as access denials and policy reloads,
+    /// durably and in order; answers with the sequence of the last one. They are
+    /// `action_id`-less: an event naming an action must go through [`Ledger::act`].
+    pub async fn record(&self, events: Vec<NewEvent>) -> Result<u64, LedgerError> {
+        if events.iter().any(|e| e.action_id.is_some()) {
+            return Err(LedgerError::WriteFailed(
+                "events about an action are recorded through the workflow".into(),
+            ));
+        }
+        self.submit(|reply| Command::Record { events, reply }).await
+    }
+
     /// Waits until the action is final or `wait` elapses, then returns its record. No
     /// thread or polling per waiter: a waiter is one watch receiver, woken by the writer.
     pub async fn await_final(&self, id: Uuid, wait: Duration) -> Result<ActionRecord, LedgerError> {
@@ -404,6 +421,7 @@ fn fold(actions: &mut Actions, stored: &StoredEvent) -> Result<(), String> {
     let Some(event) =
         ActionEvent::from_stored(&stored.kind, &stored.payload).map_err(|e| e.to_string())?
     else {
+        actions.pass_over(stored.sequence);
         return Ok(());
     };
     let action_id = stored.action_id.ok_or_else(|| {

@@ -45,6 +45,11 @@ enum Reply {
         result: Result<(), Refusal>,
         appended: bool,
     },
+    Record {
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+        /// The sequence the last of its events will have.
+        last_sequence: u64,
+    },
 }
 
 /// A batch being decided: the events to append and the state they will produce.
@@ -116,6 +121,16 @@ impl Batch {
         self.to_append.extend(encoded);
         Ok(())
     }
+
+    /// Adds events that concern no action; returns the sequence of the last one.
+    fn push_unfolded(&mut self, events: Vec<NewEvent>) -> u64 {
+        for event in events {
+            self.scratch.pass_over(self.next_sequence);
+            self.to_append.push(event);
+            self.next_sequence += 1;
+        }
+        self.next_sequence - 1
+    }
 }
 
 impl Writer {
@@ -141,6 +156,7 @@ impl Writer {
                 match command {
                     Command::Check { reply, .. } => drop(reply.send(Err(refusal()))),
                     Command::Act { reply, .. } => drop(reply.send(Err(refusal()))),
+                    Command::Record { reply, .. } => drop(reply.send(Err(refusal()))),
                 }
             }
             return;
@@ -171,6 +187,13 @@ impl Writer {
                     }),
                     Err(e) => drop(reply.send(Err(e))),
                 },
+                Command::Record { events, reply } => {
+                    let last_sequence = batch.push_unfolded(events);
+                    batch.replies.push(Reply::Record {
+                        reply,
+                        last_sequence,
+                    });
+                }
             }
         }
 
@@ -299,7 +322,7 @@ impl Writer {
         let answers: Vec<(Reply, Option<ActionRecord>)> = replies
             .into_iter()
             .map(|reply| {
-                let record = state.get(&reply.action_id()).cloned();
+                let record = reply.action_id().and_then(|id| state.get(&id).cloned());
                 (reply, record)
             })
             .collect();
@@ -340,7 +363,7 @@ impl Writer {
                 reply.refuse(LedgerError::WriteFailed(message.clone()));
             } else {
                 // Nothing of this command was in the failed append: answer as usual.
-                let record = state.get(&reply.action_id()).cloned();
+                let record = reply.action_id().and_then(|id| state.get(&id).cloned());
                 answer(reply, record);
             }
         }
@@ -348,15 +371,17 @@ impl Writer {
 }
 
 impl Reply {
-    fn action_id(&self) -> Uuid {
+    fn action_id(&self) -> Option<Uuid> {
         match self {
-            Reply::Check { action_id, .. } | Reply::Act { action_id, .. } => *action_id,
+            Reply::Check { action_id, .. } | Reply::Act { action_id, .. } => Some(*action_id),
+            Reply::Record { .. } => None,
         }
     }
 
     fn appended(&self) -> bool {
         match self {
             Reply::Check { appended, .. } | Reply::Act { appended, .. } => *appended,
+            Reply::Record { .. } => true,
         }
     }
 
@@ -364,6 +389,7 @@ impl Reply {
         match self {
             Reply::Check { reply, .. } => drop(reply.send(Err(error))),
             Reply::Act { reply, .. } => drop(reply.send(Err(error))),
+            Reply::Record { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }
@@ -395,5 +421,9 @@ fn answer(reply: Reply, record: Option<ActionRecord>) {
             };
             let _ = reply.send(answer);
         }
+        Reply::Record {
+            reply,
+            last_sequence,
+        } => drop(reply.send(Ok(last_sequence))),
     }
 }

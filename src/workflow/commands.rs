@@ -390,6 +390,7 @@ mod tests {
                 idempotency_key: String::new(),
             },
             action_digest: "d".repeat(64),
+            on_behalf_of_source: None,
             trace_id: None,
             status: ActionStatus::Pending,
             decision: Some(Decision {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::record::ActionStatus;
-use crate::domain::{ActionRequest, Principal};
+use crate::domain::{ActionRequest, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
 
 /// A caller asked for an action. Always followed, in the same atomic append, by its
@@ -17,6 +17,9 @@ pub struct ActionRequested {
     pub requester: Principal,
     pub request: ActionRequest,
     pub action_digest: String,
+    /// Set when `request.task.on_behalf_of` names a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of_source: Option<OnBehalfOfSource>,
     /// The caller's W3C trace id, when it propagated one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::events::{ActionEvent, ActionRequested, Outcome, PolicyEvaluated, Verdict};
-use crate::domain::{ActionRequest, Principal};
+use crate::domain::{ActionRequest, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -66,6 +66,8 @@ pub struct ActionRecord {
     pub requester: Principal,
     pub request: ActionRequest,
     pub action_digest: String,
+    /// Who vouches for `request.task.on_behalf_of`, when it names a human.
+    pub on_behalf_of_source: Option<OnBehalfOfSource>,
     pub trace_id: Option<String>,
     pub status: ActionStatus,
     /// `None` only between the request event and its evaluation, never outside the ledger.
@@ -249,6 +251,7 @@ impl Actions {
                 requester: requested.requester.clone(),
                 request: requested.request.clone(),
                 action_digest: requested.action_digest.clone(),
+                on_behalf_of_source: requested.on_behalf_of_source,
                 trace_id: requested.trace_id.clone(),
                 // Until the evaluation is applied; both are appended atomically.
                 status: ActionStatus::Pending,
@@ -264,6 +267,12 @@ impl Actions {
             },
         );
         Ok(())
+    }
+
+    /// Moves the position past an event that is not about any action (an access denial, a
+    /// policy reload), so followers of the log see it as visible too.
+    pub fn pass_over(&mut self, sequence: u64) {
+        self.applied_sequence = self.applied_sequence.max(sequence);
     }
 
     /// Replaces (or inserts) whole records; used to publish a committed batch at once.
