@@ -9,11 +9,14 @@ use serde::Deserialize;
 
 use crate::auth::{JwtConfig, RolesConfig, TokenConfig};
 use crate::telemetry::LogFormat;
+use crate::telemetry::export::ExportSettings;
 use crate::workflow::DecisionTimes;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_POLICIES: &str = "./policies";
+/// `service.name` of exported telemetry unless configured (or `OTEL_SERVICE_NAME`).
+pub const DEFAULT_SERVICE_NAME: &str = "countersign";
 /// Largest request the server decodes. CheckAction's own field limits add up to well under
 /// this; anything larger is RESOURCE_EXHAUSTED before it is parsed.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -40,6 +43,8 @@ pub struct ServerConfig {
     pub reviewer_stall_timeout: Duration,
     pub auth: AuthSettings,
     pub roles: RolesConfig,
+    /// Where the event log is exported as spans; `None`: not exported.
+    pub otlp: Option<ExportSettings>,
 }
 
 /// How callers are authenticated.
@@ -90,6 +95,7 @@ impl ServerConfig {
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
             auth: AuthSettings::Development,
             roles: RolesConfig::default(),
+            otlp: None,
         }
     }
 }
@@ -131,6 +137,18 @@ pub struct ConfigFile {
     pub auth: Option<AuthSection>,
     /// Absent: the defaults of [`RolesConfig`].
     pub roles: Option<RolesConfig>,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// `[telemetry]`: OpenTelemetry export. The standard `OTEL_*` variables override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Absent: spans are not exported.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported telemetry (default `countersign`).
+    pub service_name: Option<String>,
 }
 
 /// `[auth]`: the credential methods. Relative paths are relative to the config file.
@@ -181,6 +199,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub policies: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    /// From `--otlp-endpoint` or `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
+    pub otlp_endpoint: Option<String>,
 }
 
 fn duration(path: &Path, field: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -250,6 +270,24 @@ pub fn resolve(
             }
             config.max_concurrent_streams = v;
         }
+        let telemetry = file.telemetry;
+        if let Some(name) = &telemetry.service_name
+            && name.trim().is_empty()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: "telemetry.service_name",
+                problem: "must not be empty".into(),
+            });
+        }
+        if let Some(endpoint) = telemetry.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+            config.otlp = Some(ExportSettings {
+                endpoint: endpoint.trim().to_string(),
+                service_name: telemetry
+                    .service_name
+                    .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
+            });
+        }
         if let Some(roles) = file.roles {
             roles.validate().map_err(|problem| ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -277,6 +315,16 @@ pub fn resolve(
     config.data_dir = overrides.data_dir.unwrap_or(config.data_dir);
     config.policies = overrides.policies.unwrap_or(config.policies);
     config.log_format = overrides.log_format.unwrap_or(config.log_format);
+    if let Some(endpoint) = overrides.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+        let service_name = config
+            .otlp
+            .take()
+            .map_or_else(|| DEFAULT_SERVICE_NAME.to_string(), |o| o.service_name);
+        config.otlp = Some(ExportSettings {
+            endpoint: endpoint.trim().to_string(),
+            service_name,
+        });
+    }
     Ok(config)
 }
 

@@ -58,6 +58,10 @@ struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "COUNTERSIGN_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// OTLP/gRPC endpoint to export the event log to as spans, e.g. http://127.0.0.1:4317.
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, when set, wins.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +117,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         policies: args.policies,
         log_format: args.log_format,
+        // The signal-specific variable wins over the general one, as the OTLP spec says.
+        otlp_endpoint: std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .or(args.otlp_endpoint),
     };
     let config = match config::resolve(file, overrides) {
         Ok(config) => config,

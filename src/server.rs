@@ -59,6 +59,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("start-up was interrupted: {0}")]
     Startup(String),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] crate::telemetry::export::ExportError),
     #[error("the ledger was still in use {0:?} after shutdown")]
     LedgerNotReleased(Duration),
 }
@@ -217,6 +219,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .build_v1alpha()
         .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
 
+    // Spans are exported from the log by a task of their own, which stops with the server.
+    if let Some(otlp) = &config.otlp {
+        crate::telemetry::export::start(core.ledger.clone(), otlp, core.stopping.clone())?;
+    }
     // Refusals are recorded by a task of their own, which holds the ledger until the last
     // guard is dropped with the router, so a graceful stop records the final summaries.
     let (denials, _recorder) = start_denial_recorder(core.ledger.clone());

@@ -92,7 +92,7 @@ impl ActionGate for ActionGateApi {
         let acting_for = auth::acting_for(&request);
         let grants = auth::grants(&request);
         let refuser = auth::Refuser::of(&request);
-        let trace_id = telemetry::trace_id(request.metadata());
+        let trace = telemetry::trace_context(request.metadata());
         let mut action =
             validate::check_action_request(request.into_inner()).map_err(status::invalid)?;
         let on_behalf_of_source =
@@ -127,15 +127,21 @@ impl ActionGate for ActionGateApi {
             now,
         });
         let evaluated = evaluate_check(decision, now, &self.core.times);
+        let action_id = Uuid::now_v7();
+        let (trace_id, caller_span) = match trace {
+            Some(trace) => (trace.trace_id, Some(trace.caller)),
+            None => (telemetry::trace_context::derived_trace_id(&action_id), None),
+        };
         let check = NewCheck {
-            action_id: Uuid::now_v7(),
+            action_id,
             time: now,
             requested: ActionRequested {
                 requester: principal,
                 request: action,
                 action_digest: digest,
                 on_behalf_of_source,
-                trace_id,
+                trace_id: Some(trace_id),
+                caller_span,
             },
             evaluated,
         };

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::events::{ActionEvent, ActionRequested, Outcome, PolicyEvaluated, Verdict};
-use crate::domain::{ActionRequest, OnBehalfOfSource, Principal};
+use crate::domain::{ActionRequest, CallerSpan, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -69,6 +69,7 @@ pub struct ActionRecord {
     /// Who vouches for `request.task.on_behalf_of`, when it names a human.
     pub on_behalf_of_source: Option<OnBehalfOfSource>,
     pub trace_id: Option<String>,
+    pub caller_span: Option<CallerSpan>,
     pub status: ActionStatus,
     /// `None` only between the request event and its evaluation, never outside the ledger.
     pub decision: Option<Decision>,
@@ -253,6 +254,7 @@ impl Actions {
                 action_digest: requested.action_digest.clone(),
                 on_behalf_of_source: requested.on_behalf_of_source,
                 trace_id: requested.trace_id.clone(),
+                caller_span: requested.caller_span.clone(),
                 // Until the evaluation is applied; both are appended atomically.
                 status: ActionStatus::Pending,
                 decision: None,
