@@ -17,6 +17,8 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_POLICIES: &str = "./policies";
 /// `service.name` of exported telemetry unless configured (or `OTEL_SERVICE_NAME`).
 pub const DEFAULT_SERVICE_NAME: &str = "countersign";
+/// How often metrics are pushed over OTLP.
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest request the server decodes. CheckAction's own field limits add up to well under
 /// this; anything larger is RESOURCE_EXHAUSTED before it is parsed.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -43,8 +45,10 @@ pub struct ServerConfig {
     pub reviewer_stall_timeout: Duration,
     pub auth: AuthSettings,
     pub roles: RolesConfig,
-    /// Where the event log is exported as spans; `None`: not exported.
+    /// Where the event log is exported as spans (and metrics pushed); `None`: not at all.
     pub otlp: Option<ExportSettings>,
+    /// Where `/metrics` and `/status` are served over HTTP; loopback only.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How callers are authenticated.
@@ -96,6 +100,7 @@ impl ServerConfig {
             auth: AuthSettings::Development,
             roles: RolesConfig::default(),
             otlp: None,
+            metrics_listen: None,
         }
     }
 }
@@ -149,6 +154,11 @@ pub struct TelemetrySection {
     pub otlp_endpoint: Option<String>,
     /// `service.name` of the exported telemetry (default `countersign`).
     pub service_name: Option<String>,
+    /// How often metrics are pushed over OTLP (default `60s`; `OTEL_METRIC_EXPORT_INTERVAL`
+    /// is not read).
+    pub metrics_interval: Option<String>,
+    /// Loopback address for `/metrics` (Prometheus) and `/status`, e.g. `127.0.0.1:9464`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[auth]`: the credential methods. Relative paths are relative to the config file.
@@ -201,6 +211,7 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// From `--otlp-endpoint` or `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
     pub otlp_endpoint: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn duration(path: &Path, field: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -280,12 +291,18 @@ pub fn resolve(
                 problem: "must not be empty".into(),
             });
         }
+        let metrics_interval = match &telemetry.metrics_interval {
+            Some(v) => duration(path, "telemetry.metrics_interval", v)?,
+            None => DEFAULT_METRICS_INTERVAL,
+        };
+        config.metrics_listen = telemetry.metrics_listen;
         if let Some(endpoint) = telemetry.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
             config.otlp = Some(ExportSettings {
                 endpoint: endpoint.trim().to_string(),
                 service_name: telemetry
                     .service_name
                     .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
+                metrics_interval,
             });
         }
         if let Some(roles) = file.roles {
@@ -315,14 +332,16 @@ pub fn resolve(
     config.data_dir = overrides.data_dir.unwrap_or(config.data_dir);
     config.policies = overrides.policies.unwrap_or(config.policies);
     config.log_format = overrides.log_format.unwrap_or(config.log_format);
+    config.metrics_listen = overrides.metrics_listen.or(config.metrics_listen);
     if let Some(endpoint) = overrides.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
-        let service_name = config
-            .otlp
-            .take()
-            .map_or_else(|| DEFAULT_SERVICE_NAME.to_string(), |o| o.service_name);
+        let (service_name, metrics_interval) = config.otlp.take().map_or_else(
+            || (DEFAULT_SERVICE_NAME.to_string(), DEFAULT_METRICS_INTERVAL),
+            |o| (o.service_name, o.metrics_interval),
+        );
         config.otlp = Some(ExportSettings {
             endpoint: endpoint.trim().to_string(),
             service_name,
+            metrics_interval,
         });
     }
     Ok(config)

@@ -62,6 +62,9 @@ struct ServeArgs {
     /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, when set, wins.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Loopback address to serve /metrics (Prometheus) and /status on, e.g. 127.0.0.1:9464.
+    #[arg(long, env = "COUNTERSIGN_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +125,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             .ok()
             .filter(|e| !e.trim().is_empty())
             .or(args.otlp_endpoint),
+        metrics_listen: args.metrics_listen,
     };
     let config = match config::resolve(file, overrides) {
         Ok(config) => config,

@@ -175,6 +175,7 @@ fn config(data: &TempDir, otlp: SocketAddr) -> ServerConfig {
     config.otlp = Some(ExportSettings {
         endpoint: format!("http://{otlp}"),
         service_name: "countersign-under-test".into(),
+        metrics_interval: Duration::from_millis(200),
     });
     config
 }
@@ -459,4 +460,192 @@ async fn after_a_restart_no_action_is_left_unexported() {
         .await;
     assert_eq!(spans.len(), exported + 1, "nothing was exported twice");
     server.stop().await.unwrap();
+}
+
+/// `GET path` on the metrics listener; the status line and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// Prometheus metric lines, minus comments.
+fn samples(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| !l.starts_with('#')).collect()
+}
+
+#[tokio::test]
+async fn prometheus_metrics_and_status_show_decisions_pending_work_and_export_lag() {
+    // The collector is down, so every event is export lag.
+    let otlp = unused_port().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config(&data, otlp);
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let server = server::start(config).await.unwrap();
+    let metrics = server.metrics_addr().expect("metrics are served");
+
+    let mut gate = gate(&server).await;
+    allowed_actions(&mut gate, 3).await;
+    let pending = gate
+        .check_action(check(
+            "iam.role.grant",
+            "production",
+            &[
+                ("role", string("admin")),
+                ("member", string("dave@example.com")),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pending.status(), ActionStatus::Pending);
+
+    let (status_line, text) = http_get(metrics, "/metrics").await;
+    assert!(status_line.contains("200"), "{status_line}");
+    let lines = samples(&text);
+    for expected in [
+        r#"countersign_decisions_total{status="allowed",risk="low"} 3"#,
+        r#"countersign_decisions_total{status="pending",risk="critical"} 1"#,
+        "countersign_pending_actions 1",
+        "countersign_await_waiters 0",
+        "countersign_reviewer_streams 0",
+        // Two events per action, none accepted by a collector.
+        "countersign_export_lag_events 8",
+    ] {
+        assert!(lines.contains(&expected), "{expected} missing from\n{text}");
+    }
+    let flushes = lines
+        .iter()
+        .find(|l| l.starts_with("countersign_store_flush_seconds_count "))
+        .expect("flush latency histogram");
+    let count: u64 = flushes.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((1..=4).contains(&count), "{flushes}");
+
+    let (_, status) = http_get(metrics, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["serving"], true);
+    assert_eq!(status["log"]["head_sequence"], 8);
+    assert_eq!(status["pending_actions"], 1);
+    assert_eq!(status["policy_version"], pending.policy_version.as_str());
+    assert_eq!(status["span_export"]["exported_through"], 0);
+    assert_eq!(status["span_export"]["lag_events"], 8);
+    assert!(status["span_export"]["lag_seconds"].as_f64().unwrap() >= 0.0);
+
+    let (not_found, _) = http_get(metrics, "/other").await;
+    assert!(not_found.contains("404"), "{not_found}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_are_never_served_beyond_loopback() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(data.path().join("log"), common::shipped_policies());
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.metrics_listen = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let refused = server::start(config).await.err().expect("refused");
+    assert!(
+        refused
+            .to_string()
+            .starts_with("refusing to serve metrics on 0.0.0.0:0"),
+        "{refused}"
+    );
+}
+
+mod otlp_metrics {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+    #[derive(Clone, Default)]
+    struct MetricsReceiver {
+        requests: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for MetricsReceiver {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            self.requests.lock().unwrap().push(request.into_inner());
+            Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// The value of the `countersign.decisions` data point with `status`, in the latest
+    /// request that has one.
+    fn decisions(requests: &[ExportMetricsServiceRequest], status: &str) -> Option<i64> {
+        requests.iter().rev().find_map(|request| {
+            request
+                .resource_metrics
+                .iter()
+                .flat_map(|r| &r.scope_metrics)
+                .flat_map(|s| &s.metrics)
+                .filter(|m| m.name == "countersign.decisions")
+                .find_map(|m| match &m.data {
+                    Some(Data::Sum(sum)) => sum.data_points.iter().find_map(|p| {
+                        let matches = p.attributes.iter().any(|kv| {
+                            kv.key == "status"
+                                && kv.value.as_ref().and_then(|v| v.value.as_ref()).and_then(text)
+                                    == Some(status.to_string())
+                        });
+                        match (matches, &p.value) {
+                            (
+                                true,
+                                Some(
+                                    opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(n),
+                                ),
+                            ) => Some(*n),
+                            _ => None,
+                        }
+                    }),
+                    _ => None,
+                })
+        })
+    }
+
+    #[tokio::test]
+    async fn metrics_are_pushed_over_otlp_to_the_configured_endpoint() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let otlp = listener.local_addr().unwrap();
+        let receiver = MetricsReceiver::default();
+        let service = MetricsServiceServer::new(receiver.clone());
+        // Spans go to the same endpoint; this receiver answers only metrics, which is fine:
+        // span export just keeps retrying.
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let data = tempfile::tempdir().unwrap();
+        let server = start(&data, otlp).await;
+        allowed_actions(&mut gate(&server).await, 2).await;
+        for _ in 0..500 {
+            if decisions(&receiver.requests.lock().unwrap(), "allowed") == Some(2) {
+                server.stop().await.unwrap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "countersign.decisions{{status=allowed}} = 2 never arrived: {:?}",
+            decisions(&receiver.requests.lock().unwrap(), "allowed")
+        );
+    }
 }

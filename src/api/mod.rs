@@ -77,6 +77,8 @@ pub struct Core {
     /// Becomes `true` when the server begins to stop: long waits answer at once and
     /// streams end, so graceful shutdown never waits on a reviewer who never leaves.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Open reviewer streams, for metrics.
+    pub reviewer_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Core {

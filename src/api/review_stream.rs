@@ -49,6 +49,7 @@ pub(super) fn open(
     let feed = core.ledger.subscribe();
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
+        let _counted = OpenStream::count(&core.reviewer_streams);
         let reviewer_id = reviewer.id.clone();
         let mut stream = ReviewerStream { core, reviewer, tx };
         if let Err(ended) = stream.run(feed, after).await {
@@ -56,6 +57,22 @@ pub(super) fn open(
         }
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Counts a reviewer stream as open for as long as it lives.
+struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenStream {
+    fn count(streams: &Arc<std::sync::atomic::AtomicUsize>) -> OpenStream {
+        streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenStream(streams.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 struct ReviewerStream {

@@ -29,11 +29,12 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
+use crate::domain::RiskLevel;
 use crate::store::{EventLog, NewEvent, StoreError, StoredEvent, VerifyReport};
 use crate::workflow::record::EventContext;
 use crate::workflow::{
-    ActionCommand, ActionEvent, ActionRecord, ActionRequested, Actions, DecisionTimes,
-    PolicyEvaluated, Refusal,
+    ActionCommand, ActionEvent, ActionRecord, ActionRequested, ActionStatus, Actions,
+    DecisionTimes, PolicyEvaluated, Refusal,
 };
 use waiters::Waiters;
 
@@ -52,6 +53,16 @@ const QUEUE_CAPACITY: usize = 8192;
 const FEED_CAPACITY: usize = 4096;
 
 pub use crate::workflow::SERVER_ACTOR;
+
+/// What the ledger reports as it commits, for metrics. Called on the writer thread after
+/// a batch is durable and visible: implementations must be quick and must not block.
+pub trait LedgerObserver: Send + Sync + 'static {
+    /// An action got a status: at evaluation (allowed, denied, pending) or a final one
+    /// after review (approved, rejected, expired, cancelled, with how long it waited).
+    fn decided(&self, status: ActionStatus, risk: RiskLevel, waited: Option<Duration>);
+    /// One group commit was flushed.
+    fn flushed(&self, took: Duration, events: usize);
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -161,6 +172,8 @@ pub struct Ledger {
     applied: watch::Receiver<u64>,
     /// Joined on drop so the last batch is flushed before the process exits.
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set once, by whoever keeps metrics; read by the writer.
+    observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
 }
 
 /// Why the ledger refuses writes, if it does. Shared with the writer thread.
@@ -249,7 +262,9 @@ impl Ledger {
         let waiters = Arc::new(Waiters::default());
         let expiry_wakeup = Arc::new(Notify::new());
         let (applied_tx, applied) = watch::channel(state.read().applied_sequence());
+        let observer = Arc::new(std::sync::OnceLock::new());
         let writer = writer::Writer {
+            observer: observer.clone(),
             applied: applied_tx,
             log: log.clone(),
             state: state.clone(),
@@ -275,9 +290,15 @@ impl Ledger {
                 expiry_wakeup,
                 applied,
                 writer: Mutex::new(Some(handle)),
+                observer,
             },
             report,
         ))
+    }
+
+    /// Reports commits to `observer` from now on. Only the first observer set counts.
+    pub fn set_observer(&self, observer: Arc<dyn LedgerObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// Starts the timer that expires pending actions at their `expires_at`, including those

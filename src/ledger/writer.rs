@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use super::waiters::Waiters;
 use super::{
-    CheckRecorded, Command, CommittedBatch, CommittedEvent, Health, LedgerError, MAX_BATCH,
-    NewCheck, WriteRefusal,
+    CheckRecorded, Command, CommittedBatch, CommittedEvent, Health, LedgerError, LedgerObserver,
+    MAX_BATCH, NewCheck, WriteRefusal,
 };
 use crate::store::{EventLog, NewEvent, StoreError};
 use crate::workflow::record::EventContext;
@@ -29,6 +29,7 @@ pub(super) struct Writer {
     pub(super) expiry_wakeup: Arc<Notify>,
     pub(super) times: DecisionTimes,
     pub(super) applied: watch::Sender<u64>,
+    pub(super) observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
 }
 
 /// How a decided command will be answered once its batch is (or is not) durable.
@@ -201,7 +202,15 @@ impl Writer {
         let appended = if to_append.is_empty() {
             Ok(Vec::new())
         } else {
-            self.log.append(to_append)
+            let count = to_append.len();
+            let started = std::time::Instant::now();
+            let appended = self.log.append(to_append);
+            if appended.is_ok()
+                && let Some(observer) = self.observer.get()
+            {
+                observer.flushed(started.elapsed(), count);
+            }
+            appended
         };
         match appended {
             Ok(stored) => {
@@ -319,6 +328,9 @@ impl Writer {
         } else {
             HashMap::new()
         };
+        if let Some(observer) = self.observer.get() {
+            report_decisions(observer.as_ref(), &events, &state);
+        }
         let answers: Vec<(Reply, Option<ActionRecord>)> = replies
             .into_iter()
             .map(|reply| {
@@ -367,6 +379,33 @@ impl Writer {
                 answer(reply, record);
             }
         }
+    }
+}
+
+/// Tells the observer which statuses the batch's events gave their actions.
+fn report_decisions(observer: &dyn LedgerObserver, events: &[CommittedEvent], state: &Actions) {
+    for committed in events {
+        let status = match &committed.event {
+            ActionEvent::Evaluated(evaluated) => evaluated.status,
+            ActionEvent::Approved(_) => ActionStatus::Approved,
+            ActionEvent::Rejected(_) => ActionStatus::Rejected,
+            ActionEvent::Expired(_) => ActionStatus::Expired,
+            ActionEvent::Cancelled(_) => ActionStatus::Cancelled,
+            _ => continue,
+        };
+        let Some(record) = state.get(&committed.action_id) else {
+            continue;
+        };
+        let Some(decision) = &record.decision else {
+            continue;
+        };
+        let waited = match &committed.event {
+            ActionEvent::Evaluated(_) => None,
+            _ => record
+                .decided_at
+                .and_then(|decided| (decided - record.created_at).to_std().ok()),
+        };
+        observer.decided(status, decision.risk, waited);
     }
 }
 

@@ -58,6 +58,8 @@ pub struct ExportSettings {
     pub endpoint: String,
     /// `service.name`, unless `OTEL_SERVICE_NAME` sets it.
     pub service_name: String,
+    /// How often metrics are pushed to the same endpoint.
+    pub metrics_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +123,32 @@ pub fn start(
     Ok((progress, task))
 }
 
-fn resource(settings: &ExportSettings) -> Resource {
+/// A meter provider pushing metrics to the same collector every `metrics_interval`.
+/// Must be built inside the tokio runtime (its gRPC channel lives there).
+pub fn meter_provider(
+    settings: &ExportSettings,
+) -> Result<opentelemetry_sdk::metrics::SdkMeterProvider, ExportError> {
+    let exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .with_endpoint(settings.endpoint.clone())
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()
+        .map_err(|e| ExportError::Build {
+            endpoint: settings.endpoint.clone(),
+            reason: e.to_string(),
+        })?;
+    let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+        .with_interval(settings.metrics_interval)
+        .build();
+    Ok(opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(resource(settings))
+        .build())
+}
+
+/// The resource every exported signal carries: `service.name`, `service.version`, and
+/// `OTEL_RESOURCE_ATTRIBUTES`.
+pub(crate) fn resource(settings: &ExportSettings) -> Resource {
     let mut builder = Resource::builder();
     // The standard variable wins; the builder's default detectors read it.
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {

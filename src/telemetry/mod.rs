@@ -6,6 +6,8 @@
 //! collector, after a durable cursor, so a collector that is down loses nothing.
 
 pub mod export;
+pub mod http;
+pub mod metrics;
 pub mod spans;
 pub mod trace_context;
 

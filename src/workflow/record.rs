@@ -163,6 +163,11 @@ impl Actions {
             .and_then(|id| self.by_id.get(id))
     }
 
+    /// How many actions wait for reviewers.
+    pub fn pending_count(&self) -> usize {
+        self.pending_by_expiry.len()
+    }
+
     /// The pending action that expires first.
     pub fn next_expiry(&self) -> Option<(DateTime<Utc>, Uuid)> {
         self.pending_by_expiry.first().copied()
