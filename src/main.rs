@@ -131,8 +131,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(&e),
     };
-    telemetry::init_logging(config.log_format);
-
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,10 +139,26 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let result = runtime.block_on(async {
+        // Inside the runtime: the OTLP exporter's channel lives on it.
+        let rpc_tracer = config
+            .otlp
+            .as_ref()
+            .map(telemetry::rpc_tracer_provider)
+            .transpose()?;
+        telemetry::init_logging(
+            config.log_format,
+            rpc_tracer
+                .as_ref()
+                .map(|p| opentelemetry::trace::TracerProvider::tracer(p, "countersign")),
+        );
         let signal = shutdown_signal()
             .map_err(|e| server::ServeError::Startup(format!("cannot handle signals: {e}")))?;
-        let running = server::start(config).await?;
-        running.run_until(signal).await
+        let served = async { server::start(config).await?.run_until(signal).await }.await;
+        if let Some(provider) = rpc_tracer {
+            // Sends the last RPC spans; the SDK blocks, so off the async workers.
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+        served
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

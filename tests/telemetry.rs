@@ -649,3 +649,63 @@ mod otlp_metrics {
         );
     }
 }
+
+#[tokio::test]
+async fn the_binary_traces_each_rpc_as_a_child_of_the_callers_span() {
+    let (collector, otlp) = RunningReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("COUNTERSIGN_DATA_DIR", data.path())
+        .env("COUNTERSIGN_POLICIES", common::shipped_policies())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_SERVICE_NAME", "countersign-binary")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    let process = common::spawn_serve(command).await;
+
+    let mut request = tonic::Request::new(check("storage.object.read", "dev", &[]));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    let mut gate = ActionGateClient::with_interceptor(
+        channel_to(process.address).await,
+        Caller::agent("iam-bot"),
+    );
+    let checked = gate.check_action(request).await.unwrap().into_inner();
+    assert_eq!(checked.status(), ActionStatus::Allowed);
+
+    let spans = collector
+        .wait_for("the RPC span and the action span", |s| {
+            s.iter()
+                .any(|(_, s)| s.name == "countersign.v1.ActionGate/CheckAction")
+                && s.iter().any(|(_, s)| s.name == "countersign.action")
+        })
+        .await;
+    let rpc = spans
+        .iter()
+        .find(|s| s.name == "countersign.v1.ActionGate/CheckAction")
+        .unwrap();
+    assert_eq!(hex::encode(&rpc.trace_id), TRACE_ID);
+    assert_eq!(hex::encode(&rpc.parent_span_id), CALLER_SPAN);
+    assert_eq!(string_attribute(rpc, "rpc.system"), "grpc");
+    assert_eq!(string_attribute(rpc, "rpc.method"), "CheckAction");
+    // The log line the handler wrote inside the RPC travels with it as a span event.
+    assert!(
+        rpc.events.iter().any(|e| e.name == "action checked"),
+        "{:#?}",
+        rpc.events
+    );
+    let action = spans
+        .iter()
+        .find(|s| s.name == "countersign.action")
+        .unwrap();
+    assert_eq!(action.trace_id, rpc.trace_id);
+    let services: Vec<String> = collector.spans().into_iter().map(|(s, _)| s).collect();
+    assert!(
+        services.iter().all(|s| s == "countersign-binary"),
+        "{services:?}"
+    );
+}

@@ -88,9 +88,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Answer {
-        match self.gate.admit(request) {
+        let span = crate::telemetry::rpc_tracing().then(|| rpc_span(&request));
+        let answer: Answer = match self.gate.admit(request) {
             Ok(admitted) => Box::pin(self.inner.call(admitted)),
             Err(refusal) => Box::pin(std::future::ready(Ok(refusal.into_http()))),
+        };
+        match span {
+            Some(span) => Box::pin(tracing::Instrument::instrument(answer, span)),
+            None => answer,
         }
     }
 }
@@ -130,6 +135,25 @@ impl Refuser {
         }
         Status::permission_denied(reason)
     }
+}
+
+/// The span of one RPC, a child of the caller's span when it sent a `traceparent`.
+fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let path = request.uri().path();
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let span = tracing::info_span!(
+        target: crate::telemetry::RPC_TARGET,
+        "rpc",
+        otel.name = name,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    );
+    let _ = span.set_parent(crate::telemetry::remote_context(request.headers()));
+    span
 }
 
 // === impl GuardLayer ===
