@@ -539,3 +539,239 @@ fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     let array: [u8; N] = bytes.try_into().ok()?;
     (array != [0; N]).then_some(array)
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone as _;
+
+    use super::*;
+    use crate::domain::{
+        ActionRequest, ActionSpec, CallerSpan, Effect, Principal, RiskLevel, TaskContext,
+    };
+    use crate::policy::{Decision, MatchedRule};
+    use crate::workflow::{ActionExpired, OutcomeReported, PolicyEvaluated, ReportedOutcome, Vote};
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + seconds, 0)
+            .single()
+            .unwrap()
+    }
+
+    fn record(effect: Effect, status: ActionStatus) -> ActionRecord {
+        ActionRecord {
+            id: Uuid::now_v7(),
+            requester: Principal {
+                id: "deploy-bot".into(),
+                kind: PrincipalKind::Agent,
+                groups: vec![],
+                authenticated_by: "test".into(),
+            },
+            request: ActionRequest {
+                action: ActionSpec {
+                    action_type: "db.drop".into(),
+                    resource: "orders".into(),
+                    environment: "production".into(),
+                    parameters: Default::default(),
+                    purpose: "cleanup".into(),
+                },
+                task: TaskContext {
+                    on_behalf_of: "alice".into(),
+                    ..TaskContext::default()
+                },
+                idempotency_key: String::new(),
+            },
+            action_digest: "d".repeat(64),
+            on_behalf_of_source: Some(OnBehalfOfSource::Asserted),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            caller_span: Some(CallerSpan {
+                span_id: "00f067aa0ba902b7".into(),
+                sampled: true,
+                tracestate: None,
+            }),
+            status,
+            decision: Some(Decision {
+                effect,
+                risk: RiskLevel::High,
+                approvals_required: u32::from(effect == Effect::RequireApproval),
+                reviewer_groups: vec![],
+                ttl_seconds: None,
+                matched_rules: vec![MatchedRule {
+                    name: "production-db".into(),
+                    message: "m".into(),
+                    effect,
+                    risk: RiskLevel::High,
+                }],
+                errors: vec![],
+                defaulted: false,
+                policy_version: "v1".into(),
+            }),
+            votes: vec![],
+            outcome: None,
+            created_at: at(0),
+            expires_at: None,
+            decided_at: None,
+            valid_until: None,
+            first_sequence: 1,
+            last_sequence: 2,
+        }
+    }
+
+    fn evaluated(status: ActionStatus) -> ActionEvent {
+        ActionEvent::Evaluated(Box::new(PolicyEvaluated {
+            decision: record(Effect::Allow, status).decision.unwrap(),
+            status,
+            expires_at: None,
+            valid_until: None,
+        }))
+    }
+
+    fn attribute<'a>(span: &'a SpanModel, key: &str) -> Option<&'a Value> {
+        span.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    #[test]
+    fn an_action_denied_at_once_is_one_error_span_under_the_callers_span() {
+        let record = record(Effect::Deny, ActionStatus::Denied);
+        let event = evaluated(ActionStatus::Denied);
+        let spans = spans_for(
+            Closing {
+                sequence: 2,
+                time: at(0),
+                event: &event,
+            },
+            &record,
+        );
+        assert_eq!(spans.len(), 1);
+        let span = &spans[0];
+        assert_eq!(span.name, ACTION_SPAN);
+        assert_eq!(
+            hex::encode(span.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            span.parent_span_id.map(hex::encode).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert!(span.parent_is_remote);
+        assert_eq!((span.start, span.end), (at(0), at(0)));
+        assert_eq!(
+            span.status,
+            SpanStatus::Error("denied by policy rule production-db".into())
+        );
+        assert_eq!(
+            attribute(span, "countersign.status"),
+            Some(&Value::Str("denied".into()))
+        );
+        assert_eq!(
+            attribute(span, "countersign.on_behalf_of.source"),
+            Some(&Value::Str("asserted".into()))
+        );
+    }
+
+    #[test]
+    fn a_reviewed_action_gets_a_check_span_then_an_action_span_with_its_votes() {
+        let mut record = record(Effect::RequireApproval, ActionStatus::Expired);
+        let pending = evaluated(ActionStatus::Pending);
+        let check = spans_for(
+            Closing {
+                sequence: 2,
+                time: at(0),
+                event: &pending,
+            },
+            &record,
+        );
+        assert_eq!(check.len(), 1);
+        assert_eq!(check[0].name, CHECK_SPAN);
+        assert_eq!(
+            check[0].parent_span_id,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
+
+        record.votes.push(Vote {
+            reviewer: record.requester.clone(),
+            verdict: Verdict::Reject,
+            reason: "too risky".into(),
+            time: at(5),
+            sequence: 3,
+        });
+        record.decided_at = Some(at(60));
+        let expired = ActionEvent::Expired(ActionExpired { expires_at: at(60) });
+        let spans = spans_for(
+            Closing {
+                sequence: 4,
+                time: at(60),
+                event: &expired,
+            },
+            &record,
+        );
+        let span = &spans[0];
+        let names: Vec<&str> = span.events.iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            ["policy.evaluated", "review.voted", "action.expired"]
+        );
+        assert_eq!((span.start, span.end), (at(0), at(60)));
+        assert_eq!(
+            span.status,
+            SpanStatus::Error("expired: nobody decided in time".into())
+        );
+        assert_eq!(span.span_id, span_id(ACTION_SPAN, &record.id));
+        assert_ne!(span.span_id, check[0].span_id);
+        assert_eq!(
+            attribute(span, "countersign.log.last_sequence"),
+            Some(&Value::Int(4))
+        );
+    }
+
+    #[test]
+    fn an_outcome_is_a_child_of_the_action_span() {
+        let mut record = record(Effect::Allow, ActionStatus::Allowed);
+        record.outcome = Some(ReportedOutcome {
+            outcome: Outcome::Failed,
+            details: "timeout".into(),
+            time: at(30),
+        });
+        let event = ActionEvent::OutcomeReported(OutcomeReported {
+            outcome: Outcome::Failed,
+            details: "timeout".into(),
+        });
+        let spans = spans_for(
+            Closing {
+                sequence: 3,
+                time: at(30),
+                event: &event,
+            },
+            &record,
+        );
+        let span = &spans[0];
+        assert_eq!(span.name, OUTCOME_SPAN);
+        assert_eq!(span.parent_span_id, Some(span_id(ACTION_SPAN, &record.id)));
+        assert!(!span.parent_is_remote);
+        assert_eq!((span.start, span.end), (at(30), at(30)));
+        assert!(matches!(span.status, SpanStatus::Error(_)));
+    }
+
+    #[test]
+    fn without_a_recorded_trace_the_trace_id_is_derived_from_the_action() {
+        let mut record = record(Effect::Allow, ActionStatus::Allowed);
+        record.trace_id = None;
+        record.caller_span = None;
+        let event = evaluated(ActionStatus::Allowed);
+        let closing = Closing {
+            sequence: 2,
+            time: at(0),
+            event: &event,
+        };
+        let first = spans_for(closing, &record);
+        assert_eq!(hex::encode(first[0].trace_id), derived_trace_id(&record.id));
+        assert_eq!(first[0].parent_span_id, None);
+        assert_eq!(
+            first,
+            spans_for(closing, &record),
+            "the same span every time"
+        );
+    }
+}
