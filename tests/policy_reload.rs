@@ -41,18 +41,23 @@ async fn reload(
         .map(|r| r.into_inner())
 }
 
+/// A storage read by `agent`: allowed by the shipped policies.
+async fn read_object(server: &TestServer, agent: &Caller) -> proto::CheckActionResponse {
+    server
+        .gate(agent)
+        .await
+        .check_action(check("storage.object.read", "dev", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test]
 async fn only_admins_reload_and_a_reload_is_recorded_before_it_decides() {
     let policies = copied_policies();
     let server = TestServer::start_with_policies(policies.path().to_path_buf()).await;
     let agent = Caller::agent("deployer");
-    let before = server
-        .gate(&agent)
-        .await
-        .check_action(check("storage.object.read", "dev", &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let before = read_object(&server, &agent).await;
     assert_eq!(before.status(), ActionStatus::Allowed);
 
     for outsider in [
@@ -71,13 +76,7 @@ async fn only_admins_reload_and_a_reload_is_recorded_before_it_decides() {
     assert_eq!(reloaded.previous_version, before.policy_version);
     assert_ne!(reloaded.policy_version, before.policy_version);
 
-    let after = server
-        .gate(&agent)
-        .await
-        .check_action(check("storage.object.read", "dev", &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let after = read_object(&server, &agent).await;
     assert_eq!(after.status(), ActionStatus::Denied);
     assert_eq!(after.policy_version, reloaded.policy_version);
 

@@ -107,10 +107,7 @@ pub fn start(
         .with_endpoint(settings.endpoint.clone())
         .with_timeout(EXPORT_TIMEOUT)
         .build()
-        .map_err(|e| ExportError::Build {
-            endpoint: settings.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(build_failed(settings))?;
     exporter.set_resource(&resource(settings));
     let cursor = ledger
         .log()
@@ -133,10 +130,7 @@ pub fn meter_provider(
         .with_endpoint(settings.endpoint.clone())
         .with_timeout(EXPORT_TIMEOUT)
         .build()
-        .map_err(|e| ExportError::Build {
-            endpoint: settings.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(build_failed(settings))?;
     let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
         .with_interval(settings.metrics_interval)
         .build();
@@ -144,6 +138,16 @@ pub fn meter_provider(
         .with_reader(reader)
         .with_resource(resource(settings))
         .build())
+}
+
+/// The error for an OTLP exporter that cannot be built for `settings`.
+pub(crate) fn build_failed(
+    settings: &ExportSettings,
+) -> impl FnOnce(opentelemetry_otlp::ExporterBuildError) -> ExportError + '_ {
+    |e| ExportError::Build {
+        endpoint: settings.endpoint.clone(),
+        reason: e.to_string(),
+    }
 }
 
 /// The resource every exported signal carries: `service.name`, `service.version`, and

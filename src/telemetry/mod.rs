@@ -88,10 +88,7 @@ pub fn rpc_tracer_provider(
         .with_tonic()
         .with_endpoint(settings.endpoint.clone())
         .build()
-        .map_err(|e| export::ExportError::Build {
-            endpoint: settings.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(export::build_failed(settings))?;
     Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(export::resource(settings))
