@@ -113,6 +113,7 @@ async fn server(issuer: &Issuer) -> (TestServer, TempDir) {
     let auth = AuthSettings::Credentials {
         jwt: Some(Box::new(jwt)),
         tokens: Some(tokens),
+        mtls: None,
         base_dir: dir.path().to_path_buf(),
     };
     let server = TestServer::try_start_with_auth(auth)
@@ -424,6 +425,7 @@ async fn with_credentials_a_non_loopback_address_is_refused_because_tls_is_missi
     config.auth = AuthSettings::Credentials {
         jwt: Some(Box::new(jwt)),
         tokens: None,
+        mtls: None,
         base_dir: dir.path().to_path_buf(),
     };
     let err = countersign::server::start(config)

@@ -11,6 +11,7 @@ pub mod context;
 pub mod credentials;
 mod development;
 pub mod jwt;
+pub mod mtls;
 pub mod roles;
 pub mod token;
 
@@ -23,6 +24,7 @@ pub use context::{ActingFor, AuthContext, acting_for};
 pub use credentials::AuthConfigError;
 pub use development::{DevelopmentIdentity, GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
 pub use jwt::{JwtAuthenticator, JwtConfig, PublicKeyFile};
+pub use mtls::{IdentityEntry, MtlsAuthenticator, MtlsConfig};
 pub use token::{StaticTokenAuthenticator, TokenConfig, TokenEntry, token_hash};
 
 use crate::domain::Principal;
