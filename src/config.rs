@@ -539,26 +539,52 @@ mod tests {
     }
 
     #[test]
-    fn the_example_config_parses_with_and_without_its_auth_section_commented_out() {
+    fn the_example_config_parses_with_and_without_its_tls_and_auth_sections_commented_out() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         let file: ConfigFile = toml::from_str(&text).unwrap();
         let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
         assert_eq!(config.auth, AuthSettings::Development);
+        assert_eq!(config.tls, None);
 
-        // Uncomment the [auth] block one level: "# x" becomes "x", "# # x" stays a comment.
-        let start = text.find("# [auth.jwt]").unwrap();
-        let uncommented: String = text[start..]
-            .lines()
-            .map(|line| {
-                line.strip_prefix("# ")
-                    .unwrap_or(line.trim_start_matches('#'))
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        let text = format!("{}{uncommented}\n", &text[..start]);
+        // Uncomment the [tls] block (up to the blank line after it) and the [auth] block
+        // (to the end) one level: "# x" becomes "x", "# # x" stays a comment.
+        let uncomment = |block: &str| -> String {
+            block
+                .lines()
+                .map(|line| {
+                    line.strip_prefix("# ")
+                        .unwrap_or(line.trim_start_matches('#'))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let tls = text.find("# [tls]").unwrap();
+        let tls_end = tls + text[tls..].find("\n\n").unwrap();
+        let auth = text.find("# [auth.jwt]").unwrap();
+        assert!(tls_end < auth);
+        let text = format!(
+            "{}{}{}{}\n",
+            &text[..tls],
+            uncomment(&text[tls..tls_end]),
+            &text[tls_end..auth],
+            uncomment(&text[auth..])
+        );
         let file: ConfigFile = toml::from_str(&text).unwrap();
         let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
-        assert_eq!(config.auth.methods(), vec!["jwt", "tokens"]);
+        assert_eq!(config.auth.methods(), vec!["jwt", "tokens", "mtls"]);
+        let tls = config.tls.expect("tls");
+        assert_eq!(
+            tls.cert,
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/server.pem")
+        );
+        let AuthSettings::Credentials {
+            mtls: Some(mtls), ..
+        } = &config.auth
+        else {
+            panic!("mtls expected: {:?}", config.auth);
+        };
+        let authenticator = crate::auth::MtlsAuthenticator::from_config(mtls);
+        assert!(authenticator.is_ok(), "{authenticator:?}");
     }
 }
