@@ -730,6 +730,28 @@ async fn beyond_loopback_start_refuses_in_one_line_naming_what_is_missing() {
     assert!(!data.path().join("log").exists());
 }
 
+#[tokio::test]
+async fn development_identity_may_use_tls_on_loopback() {
+    let pki = Pki::new();
+    let server = TestServer::try_start_secured(AuthSettings::Development, Some(pki.tls()))
+        .await
+        .expect("loopback with TLS is fine");
+    let agent = pki
+        .client(None)
+        .sending("x-countersign-principal", "deploy-bot");
+    let checked = agent
+        .check(server.addr(), admin_grant())
+        .await
+        .expect("check over TLS");
+    let requester = agent
+        .record(server.addr(), &checked.action_id)
+        .await
+        .requester
+        .expect("requester");
+    assert_eq!(requester.id, "deploy-bot");
+    assert_eq!(requester.authenticated_by, "development-header");
+}
+
 #[test]
 fn serve_with_development_identity_and_tls_on_all_interfaces_exits_2_in_one_line() {
     let pki = Pki::new();
