@@ -314,7 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn with_only_client_certificates_a_token_is_refused_and_nothing_is_missing_a_certificate() {
+    fn with_only_client_certificates_a_token_is_refused_and_no_certificate_is_missing() {
         let chain = CredentialChain::new(None, None, Some(mtls())).unwrap();
         let certs = deployer_certificate();
         let err = chain

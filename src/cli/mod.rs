@@ -257,7 +257,17 @@ impl fmt::Display for CliError {
         match self {
             CliError::Status(status) => {
                 let code = code_words(status.code());
-                let message = one_line(status.message());
+                let mut message = one_line(status.message());
+                // A failure on our side of the connection (e.g. the server's TLS alert
+                // after the handshake) says "transport error"; the cause is in the source.
+                let mut cause = std::error::Error::source(status);
+                while let Some(error) = cause {
+                    let text = one_line(&error.to_string());
+                    if !message.contains(&text) {
+                        message = format!("{message}: {text}");
+                    }
+                    cause = error.source();
+                }
                 if message.is_empty() {
                     write!(f, "{code}")
                 } else {
