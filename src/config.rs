@@ -7,13 +7,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::{JwtConfig, MtlsConfig, TokenConfig};
+use crate::auth::{JwtConfig, MtlsConfig, RolesConfig, TokenConfig};
 use crate::telemetry::LogFormat;
+use crate::telemetry::export::ExportSettings;
 use crate::workflow::DecisionTimes;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_POLICIES: &str = "./policies";
+/// `service.name` of exported telemetry unless configured (or `OTEL_SERVICE_NAME`).
+pub const DEFAULT_SERVICE_NAME: &str = "countersign";
+/// How often metrics are pushed over OTLP.
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest request the server decodes. CheckAction's own field limits add up to well under
 /// this; anything larger is RESOURCE_EXHAUSTED before it is parsed.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -39,6 +44,11 @@ pub struct ServerConfig {
     pub max_await: Duration,
     pub reviewer_stall_timeout: Duration,
     pub auth: AuthSettings,
+    pub roles: RolesConfig,
+    /// Where the event log is exported as spans (and metrics pushed); `None`: not at all.
+    pub otlp: Option<ExportSettings>,
+    /// Where `/metrics` and `/status` are served over HTTP; loopback only.
+    pub metrics_listen: Option<SocketAddr>,
     /// `None`: plaintext HTTP/2, loopback only.
     pub tls: Option<TlsSettings>,
 }
@@ -105,6 +115,9 @@ impl ServerConfig {
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
             auth: AuthSettings::Development,
             tls: None,
+            roles: RolesConfig::default(),
+            otlp: None,
+            metrics_listen: None,
         }
     }
 }
@@ -152,6 +165,25 @@ pub struct ConfigFile {
     pub auth: Option<AuthSection>,
     /// Absent: plaintext (loopback only).
     pub tls: Option<TlsSection>,
+    /// Absent: the defaults of [`RolesConfig`].
+    pub roles: Option<RolesConfig>,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// `[telemetry]`: OpenTelemetry export. The standard `OTEL_*` variables override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`. Absent: spans are not exported.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported telemetry (default `countersign`).
+    pub service_name: Option<String>,
+    /// How often metrics are pushed over OTLP (default `60s`; `OTEL_METRIC_EXPORT_INTERVAL`
+    /// is not read).
+    pub metrics_interval: Option<String>,
+    /// Loopback address for `/metrics` (Prometheus) and `/status`, e.g. `127.0.0.1:9464`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[auth]`: the credential methods. Relative paths are relative to the config file.
@@ -216,6 +248,9 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`: relative to the working directory.
     pub tls_key: Option<PathBuf>,
+    /// From `--otlp-endpoint` or `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
+    pub otlp_endpoint: Option<String>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn duration(path: &Path, field: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -289,6 +324,38 @@ pub fn resolve(
             }
             config.max_concurrent_streams = v;
         }
+        let telemetry = file.telemetry;
+        if let Some(name) = &telemetry.service_name
+            && name.trim().is_empty()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: "telemetry.service_name",
+                problem: "must not be empty".into(),
+            });
+        }
+        let metrics_interval = match &telemetry.metrics_interval {
+            Some(v) => duration(path, "telemetry.metrics_interval", v)?,
+            None => DEFAULT_METRICS_INTERVAL,
+        };
+        config.metrics_listen = telemetry.metrics_listen;
+        if let Some(endpoint) = telemetry.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+            config.otlp = Some(ExportSettings {
+                endpoint: endpoint.trim().to_string(),
+                service_name: telemetry
+                    .service_name
+                    .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string()),
+                metrics_interval,
+            });
+        }
+        if let Some(roles) = file.roles {
+            roles.validate().map_err(|problem| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: "roles",
+                problem,
+            })?;
+            config.roles = roles;
+        }
         if let Some(auth) = file.auth {
             if auth.jwt.is_none() && auth.tokens.is_none() && auth.mtls.is_none() {
                 return Err(ConfigError::Invalid {
@@ -332,6 +399,18 @@ pub fn resolve(
             path: path.to_path_buf(),
             field: "auth.mtls",
             problem: "client certificates are checked during the TLS handshake: configure [tls] cert and key (or --tls-cert and --tls-key)".into(),
+        });
+    }
+    config.metrics_listen = overrides.metrics_listen.or(config.metrics_listen);
+    if let Some(endpoint) = overrides.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+        let (service_name, metrics_interval) = config.otlp.take().map_or_else(
+            || (DEFAULT_SERVICE_NAME.to_string(), DEFAULT_METRICS_INTERVAL),
+            |o| (o.service_name, o.metrics_interval),
+        );
+        config.otlp = Some(ExportSettings {
+            endpoint: endpoint.trim().to_string(),
+            service_name,
+            metrics_interval,
         });
     }
     Ok(config)
@@ -539,6 +618,21 @@ mod tests {
     }
 
     #[test]
+    fn roles_are_read_and_bad_group_names_refused() {
+        let file: ConfigFile =
+            toml::from_str("[roles]\nreviewers = [\"sre\"]\nauditors = [\"soc2\"]").unwrap();
+        let config = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap();
+        assert_eq!(config.roles.reviewers, vec!["sre"]);
+        assert_eq!(config.roles.auditors, vec!["soc2"]);
+        // Unset keys keep their defaults.
+        assert_eq!(config.roles.admins, vec!["admins"]);
+        let file: ConfigFile = toml::from_str("[roles]\nadmins = [\"on call\"]").unwrap();
+        let err = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("roles.admins"), "{err}");
+        assert!(toml::from_str::<ConfigFile>("[roles]\nauditor = [\"x\"]").is_err());
+    }
+
+    #[test]
     fn the_example_config_parses_with_and_without_its_tls_and_auth_sections_commented_out() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
         let text = std::fs::read_to_string(&path).unwrap();
@@ -546,6 +640,7 @@ mod tests {
         let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
         assert_eq!(config.auth, AuthSettings::Development);
         assert_eq!(config.tls, None);
+        assert_eq!(config.roles, RolesConfig::default());
 
         // Uncomment the [tls] block (up to the blank line after it) and the [auth] block
         // (to the end) one level: "# x" becomes "x", "# # x" stays a comment.

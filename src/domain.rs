@@ -50,6 +50,32 @@ impl fmt::Display for PrincipalKind {
     }
 }
 
+/// The span a caller called CheckAction from (W3C `traceparent`), recorded so the
+/// action's span can be exported as its child, whenever that happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerSpan {
+    /// 16 lowercase hex digits.
+    pub span_id: String,
+    /// The caller's sampling flag. countersign exports every action regardless (it is an
+    /// audit trail), but keeps the flag for whoever reads the log.
+    pub sampled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+/// Who vouches for the human named in [`TaskContext::on_behalf_of`]. Reviewers and
+/// auditors must be able to tell a verified delegation from a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBehalfOfSource {
+    /// The caller's credential names the human (e.g. a JWT's `act` claim), or the caller
+    /// is that human.
+    Credential,
+    /// Only the caller says so: an agent the configuration trusts to assert it, or a
+    /// development identity.
+    Asserted,
+}
+
 /// Everything a caller submits with CheckAction, validated and converted from protobuf.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionRequest {

@@ -100,6 +100,13 @@ struct ServeArgs {
     /// The server's TLS private key (PEM); replaces `[tls] key`.
     #[arg(long, env = "COUNTERSIGN_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// OTLP/gRPC endpoint to export the event log to as spans, e.g. http://127.0.0.1:4317.
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, when set, wins.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Loopback address to serve /metrics (Prometheus) and /status on, e.g. 127.0.0.1:9464.
+    #[arg(long, env = "COUNTERSIGN_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -180,13 +187,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         log_format: args.log_format,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        // The signal-specific variable wins over the general one, as the OTLP spec says.
+        otlp_endpoint: std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .or(args.otlp_endpoint),
+        metrics_listen: args.metrics_listen,
     };
     let config = match config::resolve(file, overrides) {
         Ok(config) => config,
         Err(e) => return fail(&e),
     };
-    telemetry::init_logging(config.log_format);
-
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -195,10 +206,26 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let result = runtime.block_on(async {
+        // Inside the runtime: the OTLP exporter's channel lives on it.
+        let rpc_tracer = config
+            .otlp
+            .as_ref()
+            .map(telemetry::rpc_tracer_provider)
+            .transpose()?;
+        telemetry::init_logging(
+            config.log_format,
+            rpc_tracer
+                .as_ref()
+                .map(|p| opentelemetry::trace::TracerProvider::tracer(p, "countersign")),
+        );
         let signal = shutdown_signal()
             .map_err(|e| server::ServeError::Startup(format!("cannot handle signals: {e}")))?;
-        let running = server::start(config).await?;
-        running.run_until(signal).await
+        let served = async { server::start(config).await?.run_until(signal).await }.await;
+        if let Some(provider) = rpc_tracer {
+            // Sends the last RPC spans; the SDK blocks, so off the async workers.
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+        served
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,11 +20,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tower::Layer as _;
 
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
 use crate::auth::{
-    AuthConfigError, AuthLayer, Authenticator, CredentialChain, DevelopmentIdentity,
-    JwtAuthenticator, MtlsAuthenticator, StaticTokenAuthenticator,
+    AuthConfigError, Authenticator, CredentialChain, DevelopmentIdentity, GuardLayer,
+    JwtAuthenticator, MtlsAuthenticator, Roles, StaticTokenAuthenticator, start_denial_recorder,
 };
 use crate::config::{AuthSettings, ServerConfig};
 use crate::ledger::{Ledger, LedgerError, ReplayReport};
@@ -34,6 +35,9 @@ use crate::proto::action_gate_server::ActionGateServer;
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::policy_service_server::PolicyServiceServer;
 use crate::proto::review_service_server::ReviewServiceServer;
+use crate::telemetry::export::ExportProgress;
+use crate::telemetry::http::StatusFn;
+use crate::telemetry::metrics::{Metrics, Sources};
 use crate::tls::{self, TlsError};
 
 /// How long `stop` waits for the last holders of the ledger (in-flight calls) to let go.
@@ -61,6 +65,12 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("start-up was interrupted: {0}")]
     Startup(String),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] crate::telemetry::export::ExportError),
+    #[error(
+        "refusing to serve metrics on {0}: /metrics and /status are unauthenticated, so they listen on a loopback address only (127.0.0.1 or [::1]); push metrics with OTLP, or scrape through a local agent"
+    )]
+    InsecureMetricsListen(SocketAddr),
     #[error("the ledger was still in use {0:?} after shutdown")]
     LedgerNotReleased(Duration),
 }
@@ -102,6 +112,7 @@ pub fn check_listen(config: &ServerConfig) -> Result<(), ServeError> {
 /// A server that is accepting calls.
 pub struct RunningServer {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     replay: ReplayReport,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
@@ -111,6 +122,11 @@ impl RunningServer {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where `/metrics` and `/status` are served, if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// What start-up found in the event log.
@@ -172,6 +188,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         }
         None => None,
     };
+    let roles = Arc::new(
+        Roles::new(config.roles.clone())
+            .map_err(|problem| ServeError::Auth(AuthConfigError::Invalid(problem)))?,
+    );
     // Loading compiles every rule on a thread of its own; keep it off the async workers.
     let policy_dir = config.policies.clone();
     let policies = tokio::task::spawn_blocking(move || PolicySet::load_dir(&policy_dir))
@@ -233,6 +253,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         max_await: config.max_await,
         reviewer_stall_timeout: config.reviewer_stall_timeout,
         stopping,
+        reviewer_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -267,7 +288,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .build_v1alpha()
         .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
 
-    let auth = AuthLayer::new(authenticator);
+    let telemetry = start_telemetry(&config, &core).await?;
+    let metrics_addr = telemetry.metrics_addr;
+    // Refusals are recorded by a task of their own, which holds the ledger until the last
+    // guard is dropped with the router, so a graceful stop records the final summaries.
+    let (denials, _recorder) = start_denial_recorder(core.ledger.clone());
+    let guard = GuardLayer::new(authenticator, roles, denials);
     let max = config.max_message_bytes;
     let action_gate =
         ActionGateServer::new(ActionGateApi::new(core.clone())).max_decoding_message_size(max);
@@ -291,21 +317,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            action_gate,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            review,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            audit,
-            auth.clone(),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            policy, auth,
-        ));
+        .add_service(guard.layer(action_gate))
+        .add_service(guard.layer(review))
+        .add_service(guard.layer(audit))
+        .add_service(guard.layer(policy));
 
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     // Our own listener (bound early, for port 0), so tonic's `tcp_nodelay` does not reach
@@ -326,6 +341,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
             })
             .await;
         drop(health);
+        if let Some(provider) = telemetry.meter_provider {
+            // Pushes the last metrics; off the async workers, as the SDK blocks.
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
         wait_for_release(ledger_released).await?;
         tracing::info!("countersign stopped; event log flushed");
         served.map_err(ServeError::from)
@@ -333,9 +352,109 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
 
     Ok(RunningServer {
         local_addr,
+        metrics_addr,
         replay,
         shutdown: Some(shutdown),
         task,
+    })
+}
+
+/// What the telemetry of a running server holds on to.
+struct Telemetry {
+    /// Flushed and shut down when the server stops, so the last metrics are pushed.
+    meter_provider: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// Metrics (Prometheus on `metrics_listen`, OTLP when configured) and the span exporter.
+/// Every task started here ends when the server stops and holds the ledger at most weakly,
+/// except the span exporter, which lets go when stopping.
+async fn start_telemetry(config: &ServerConfig, core: &Arc<Core>) -> Result<Telemetry, ServeError> {
+    if let Some(addr) = config.metrics_listen
+        && !addr.ip().is_loopback()
+    {
+        return Err(ServeError::InsecureMetricsListen(addr));
+    }
+    let export = match &config.otlp {
+        Some(otlp) => Some(
+            crate::telemetry::export::start(core.ledger.clone(), otlp, core.stopping.clone())?.0,
+        ),
+        None => None,
+    };
+    let meter_provider = config
+        .otlp
+        .as_ref()
+        .map(crate::telemetry::export::meter_provider)
+        .transpose()?;
+    let meter = meter_provider
+        .as_ref()
+        .map(|p| opentelemetry::metrics::MeterProvider::meter(p, "countersign"));
+    let sources = Sources::new(&core.ledger, core.reviewer_streams.clone(), export.clone());
+    let metrics = Metrics::new(sources, meter.as_ref());
+    core.ledger.set_observer(metrics.clone());
+
+    let metrics_addr = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let ledger = Arc::downgrade(&core.ledger);
+            let policies = core.policies.clone();
+            let sampled = metrics.clone();
+            let exporting = export.clone();
+            let status: StatusFn = Arc::new(move || {
+                status_document(&ledger, &policies, &sampled, exporting.as_deref())
+            });
+            tokio::spawn(crate::telemetry::http::serve(
+                listener,
+                metrics,
+                status,
+                core.stopping.clone(),
+            ));
+            tracing::info!(address = %bound, "serving /metrics and /status");
+            Some(bound)
+        }
+    };
+    Ok(Telemetry {
+        meter_provider,
+        metrics_addr,
+    })
+}
+
+/// `/status`: what an operator checks first.
+fn status_document(
+    ledger: &Weak<Ledger>,
+    policies: &CurrentPolicies,
+    metrics: &Metrics,
+    export: Option<&ExportProgress>,
+) -> serde_json::Value {
+    let Some(ledger) = ledger.upgrade() else {
+        return serde_json::json!({ "serving": false, "stopping": true });
+    };
+    let sample = metrics.sample();
+    let refusal = ledger.write_refusal().map(|e| e.to_string());
+    serde_json::json!({
+        "serving": refusal.is_none(),
+        "write_refusal": refusal,
+        "log": {
+            "head_sequence": ledger.log().last_sequence(),
+            "applied_sequence": ledger.actions().applied_sequence(),
+        },
+        "policy_version": policies.get().version(),
+        "pending_actions": sample.pending_actions,
+        "await_waiters": sample.await_waiters,
+        "reviewer_streams": sample.reviewer_streams,
+        "span_export": export.map(|export| serde_json::json!({
+            "exported_through": export.exported_through(),
+            "lag_events": sample.export_lag_events,
+            "lag_seconds": sample.export_lag_seconds,
+            "consecutive_failures": export.consecutive_failures(),
+            "last_error": export.last_error(),
+        })),
     })
 }
 

@@ -15,6 +15,7 @@ use countersign::auth::{JwtConfig, PublicKeyFile, TokenConfig, TokenEntry, token
 use countersign::config::AuthSettings;
 use countersign::domain::PrincipalKind;
 use countersign::proto::action_gate_client::ActionGateClient;
+use countersign::proto::audit_service_client::AuditServiceClient;
 use countersign::proto::review_service_client::ReviewServiceClient;
 use countersign::proto::{self, ActionStatus, Verdict};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
@@ -116,9 +117,16 @@ async fn server(issuer: &Issuer) -> (TestServer, TempDir) {
         mtls: None,
         base_dir: dir.path().to_path_buf(),
     };
-    let server = TestServer::try_start_with_auth(auth)
-        .await
-        .expect("server starts");
+    let mut server = TestServer {
+        data: tempfile::tempdir().unwrap(),
+        policies: common::shipped_policies(),
+        running: None,
+        // Agents in `orchestrators` may name the human they act for.
+        tweak: |config| config.roles.on_behalf_of_asserters = vec!["orchestrators".into()],
+        auth,
+        tls: None,
+    };
+    server.restart().await;
     (server, dir)
 }
 
@@ -152,6 +160,7 @@ impl tonic::service::Interceptor for Sends {
 
 type Gate = ActionGateClient<InterceptedService<Channel, Sends>>;
 type Review = ReviewServiceClient<InterceptedService<Channel, Sends>>;
+type Audit = AuditServiceClient<InterceptedService<Channel, Sends>>;
 
 async fn gate(server: &TestServer, sends: Sends) -> Gate {
     ActionGateClient::with_interceptor(server.channel().await, sends)
@@ -159,6 +168,44 @@ async fn gate(server: &TestServer, sends: Sends) -> Gate {
 
 async fn review(server: &TestServer, sends: Sends) -> Review {
     ReviewServiceClient::with_interceptor(server.channel().await, sends)
+}
+
+async fn audit(server: &TestServer, sends: Sends) -> Audit {
+    AuditServiceClient::with_interceptor(server.channel().await, sends)
+}
+
+/// Every event in the log, read by an auditor holding a JWT from `issuer`.
+async fn all_events(server: &TestServer, issuer: &Issuer) -> Vec<proto::Event> {
+    let auditor = Sends::bearer(&issuer.sign(&human_claims("erin", &["auditors"])));
+    let mut stream = audit(server, auditor)
+        .await
+        .read_events(proto::ReadEventsRequest::default())
+        .await
+        .expect("auditors read the log")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(message) = stream.message().await.expect("event stream") {
+        events.extend(message.event);
+    }
+    events
+}
+
+/// The `access.denied` events, once at least `at_least` are recorded (a task of their
+/// own records them, a moment after the refusal).
+async fn denials(server: &TestServer, issuer: &Issuer, at_least: usize) -> Vec<Value> {
+    for _ in 0..500 {
+        let found: Vec<Value> = all_events(server, issuer)
+            .await
+            .into_iter()
+            .filter(|e| e.kind == "access.denied")
+            .map(|e| serde_json::from_str(&e.payload_json).expect("JSON payload"))
+            .collect();
+        if found.len() >= at_least {
+            return found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {at_least} access denials were recorded");
 }
 
 /// A production IAM admin grant: pending, reviewed by `security`; on behalf of nobody.
@@ -378,6 +425,10 @@ async fn an_agent_acting_for_alice_records_her_and_she_cannot_approve() {
     delegated["act"] = json!({"sub": "deployer"});
     let token = issuer.sign(&delegated);
     let (checked, action) = check_and_read_back(&server, Sends::bearer(&token)).await;
+    assert_eq!(
+        action.on_behalf_of_source(),
+        proto::OnBehalfOfSource::Credential
+    );
     assert_eq!(action.requester.expect("requester").id, "deployer");
     assert_eq!(action.task.expect("task").on_behalf_of, "alice");
 
@@ -467,4 +518,136 @@ public_keys = [{{ path = "keys/missing-idp.pem" }}]
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("missing-idp.pem"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[tokio::test]
+async fn a_reviewer_cannot_read_the_audit_log_and_the_refusal_is_recorded_without_the_token() {
+    let issuer = Issuer::new();
+    let (server, _keys) = server(&issuer).await;
+    // alice reviews (she is in `security`), but she is no auditor.
+    let mut alice = audit(&server, Sends::bearer(ALICE_TOKEN)).await;
+    let status = alice
+        .read_events(proto::ReadEventsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("`auditors`"), "{status:?}");
+    let status = alice
+        .verify_log(proto::VerifyLogRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
+    let recorded = denials(&server, &issuer, 2).await;
+    let rpcs: Vec<&str> = recorded
+        .iter()
+        .map(|d| d["rpc"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rpcs,
+        [
+            "/countersign.v1.AuditService/ReadEvents",
+            "/countersign.v1.AuditService/VerifyLog"
+        ]
+    );
+    for denial in &recorded {
+        assert_eq!(denial["status"], "permission_denied");
+        assert_eq!(denial["principal"]["id"], "alice");
+        assert_eq!(
+            denial["principal"]["authenticated_by"],
+            "token:alice-laptop"
+        );
+        assert!(!denial.to_string().contains(ALICE_TOKEN), "{denial}");
+    }
+}
+
+#[tokio::test]
+async fn repeated_bad_credentials_are_recorded_once_and_counted_instead_of_flooding_the_log() {
+    const ATTEMPTS: u64 = 300;
+    let issuer = Issuer::new();
+    let (mut server, _keys) = server(&issuer).await;
+    let stolen_looking = "Zx9Lw2Qe5Rt8Yu1Io4Pa7Sd0Fg3Hj6Kl9Zx2Cv5Bn8X=";
+    let mut client = gate(&server, Sends::bearer(stolen_looking)).await;
+    for _ in 0..ATTEMPTS {
+        let status = client.check_action(admin_grant()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    // The first refusal is recorded at once.
+    let first = denials(&server, &issuer, 1).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0]["count"], 1);
+    assert_eq!(first[0]["aggregated"], false);
+    assert_eq!(first[0]["subject"], "127.0.0.1");
+
+    // The rest are counted; a graceful stop records the count without waiting for the
+    // window to close.
+    server.restart().await;
+    let recorded = denials(&server, &issuer, 2).await;
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert_eq!(recorded[1]["count"], ATTEMPTS - 1);
+    assert_eq!(recorded[1]["aggregated"], true);
+    assert_eq!(recorded[1]["status"], "unauthenticated");
+    assert_eq!(recorded[1]["rpc"], "/countersign.v1.ActionGate/CheckAction");
+    assert!(recorded[1]["principal"].is_null());
+    for denial in &recorded {
+        assert!(!denial.to_string().contains(stolen_looking), "{denial}");
+    }
+}
+
+#[tokio::test]
+async fn only_trusted_agents_may_assert_whom_they_act_for_and_it_is_recorded_as_asserted() {
+    let issuer = Issuer::new();
+    let (server, _keys) = server(&issuer).await;
+    let mut for_alice = admin_grant();
+    if let Some(task) = for_alice.task.as_mut() {
+        task.on_behalf_of = "alice".into();
+    }
+
+    // `pipeline` is in no asserter group.
+    let status = gate(&server, Sends::bearer(PIPELINE_TOKEN))
+        .await
+        .check_action(for_alice.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("roles.on_behalf_of_asserters"),
+        "{status:?}"
+    );
+
+    // An orchestrator may, and the record says the human is only asserted.
+    let mut orchestrator = claims("flow-runner");
+    orchestrator["groups"] = json!(["orchestrators"]);
+    let sends = Sends::bearer(&issuer.sign(&orchestrator));
+    let checked = gate(&server, sends.clone())
+        .await
+        .check_action(for_alice)
+        .await
+        .expect("a trusted agent asserts the human")
+        .into_inner();
+    let action = review(&server, sends)
+        .await
+        .get_action(proto::GetActionRequest {
+            action_id: checked.action_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    assert_eq!(action.task.as_ref().unwrap().on_behalf_of, "alice");
+    assert_eq!(
+        action.on_behalf_of_source(),
+        proto::OnBehalfOfSource::Asserted
+    );
+    // Asserted or not, alice cannot approve an action taken in her name.
+    let status = review(&server, Sends::bearer(ALICE_TOKEN))
+        .await
+        .submit_review(approve(&checked.action_id))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("on behalf of alice"),
+        "{status:?}"
+    );
 }

@@ -259,7 +259,7 @@ async fn responses_the_server_sends_pass_the_strict_walk() {
 
     let verify = call_raw(
         &server,
-        &agent,
+        &Caller::human("erin", "auditors"),
         "/countersign.v1.AuditService/VerifyLog",
         Vec::new(),
     )

@@ -9,7 +9,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 async fn verify(server: &TestServer) -> proto::VerifyLogResponse {
-    let mut audit = server.audit(&Caller::human("auditor", "audit")).await;
+    let mut audit = server.audit(&Caller::human("auditor", "auditors")).await;
     audit
         .verify_log(proto::VerifyLogRequest {})
         .await
@@ -18,7 +18,7 @@ async fn verify(server: &TestServer) -> proto::VerifyLogResponse {
 }
 
 async fn get(server: &TestServer, id: &str) -> proto::ActionRecord {
-    let mut review = server.review(&Caller::human("auditor", "audit")).await;
+    let mut review = server.review(&Caller::human("auditor", "auditors")).await;
     review
         .get_action(proto::GetActionRequest {
             action_id: id.to_string(),

@@ -150,7 +150,7 @@ async fn a_full_disk_makes_checks_unavailable_and_loses_nothing_recorded() {
     let restarted = countersign::server::start(config).await.expect("restarts");
     let channel = common::channel_to(restarted.local_addr()).await;
     let mut audit =
-        AuditServiceClient::with_interceptor(channel.clone(), Caller::human("auditor", ""));
+        AuditServiceClient::with_interceptor(channel.clone(), Caller::human("auditor", "auditors"));
     let report = audit
         .verify_log(proto::VerifyLogRequest {})
         .await

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Caller, Gate, TestServer, check, next_message, read_events, string};
+use common::{Caller, Gate, TestServer, access_denials, check, next_message, read_events, string};
 use countersign::proto::stream_pending_response::Event as StreamEvent;
 use countersign::proto::{self, ActionStatus, Outcome, RiskLevel, Verdict};
 use tonic::Code;
@@ -219,9 +219,16 @@ async fn self_review_and_other_forbidden_reviews_are_refused_and_recorded() {
         .iter()
         .filter(|e| e.kind == "review.refused")
         .collect();
-    assert_eq!(refused.len(), 5, "every refused review is in the log");
+    assert_eq!(refused.len(), 4, "every refused review is in the log");
     assert_eq!(refused[0].actor, "dave");
     assert!(refused[0].payload_json.contains("requested this action"));
+    // The agent was turned away before its review was read: an access denial.
+    let denials = access_denials(&server, 1).await;
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    assert_eq!(denials[0].actor, "helper-bot");
+    let denial: serde_json::Value = serde_json::from_str(&denials[0].payload_json).unwrap();
+    assert_eq!(denial["status"], "permission_denied");
+    assert_eq!(denial["rpc"], "/countersign.v1.ReviewService/SubmitReview");
 
     let record = bob
         .get_action(proto::GetActionRequest {
@@ -952,16 +959,22 @@ async fn the_audit_log_follows_new_events_and_is_for_auditors_only() {
         .await
         .unwrap()
         .into_inner();
-    let requested = next_message(&mut follow).await.event.unwrap();
-    let evaluated = next_message(&mut follow).await.event.unwrap();
-    assert_eq!(
-        (requested.sequence, requested.kind.as_str()),
-        (1, "action.requested")
-    );
-    assert_eq!(
-        (evaluated.sequence, evaluated.kind.as_str()),
-        (2, "policy.evaluated")
-    );
+    // Bob's refusal is recorded too, by its own task: before or after the check.
+    let mut action_events = Vec::new();
+    let mut denials = Vec::new();
+    while action_events.len() < 2 || denials.is_empty() {
+        let event = next_message(&mut follow).await.event.unwrap();
+        if event.kind == "access.denied" {
+            denials.push(event);
+        } else {
+            action_events.push(event);
+        }
+    }
+    assert_eq!(denials[0].actor, "bob");
+    let (requested, evaluated) = (&action_events[0], &action_events[1]);
+    assert_eq!(requested.kind, "action.requested");
+    assert_eq!(evaluated.kind, "policy.evaluated");
+    assert_eq!(evaluated.sequence, requested.sequence + 1);
     assert_eq!(evaluated.action_id, checked.action_id);
     assert_eq!(
         requested.hash, evaluated.prev_hash,

@@ -334,7 +334,7 @@ async fn show_prints_what_a_reviewer_needs_to_decide() {
         "iam-admin-grant",
         ADMIN_GRANT_MESSAGE,
         "iam-bot (agent)",
-        "on behalf of  alice",
+        "on behalf of  alice (asserted by the requester, not verified)",
         "task-1 from tests",
         "{\"role\":\"admin\"}",
         "0 of 2, 2 still needed from security",
@@ -366,6 +366,7 @@ async fn show_json_is_one_object_with_the_record() {
     assert_eq!(value["requester"]["id"], "iam-bot");
     assert_eq!(value["requester"]["kind"], "agent");
     assert_eq!(value["task"]["on_behalf_of"], "alice");
+    assert_eq!(value["task"]["on_behalf_of_source"], "asserted");
     assert_eq!(value["matched_rules"][0]["effect"], "require_approval");
     assert_eq!(value["approvals_remaining"], 2);
     assert!(

@@ -405,6 +405,8 @@ async fn events(pki: &Pki, server: &TestServer) -> Vec<proto::Event> {
     events
 }
 
+/// Nothing at all: neither an action nor an `access.denied` (a failed handshake never
+/// reaches the guard that records refusals).
 async fn nothing_recorded(pki: &Pki, server: &TestServer) {
     let kinds: Vec<String> = events(pki, server)
         .await
@@ -545,7 +547,31 @@ async fn an_unmapped_san_is_unauthenticated_naming_the_san() {
         "invalid credentials: no principal is mapped to the client certificate's SANs: \
          URI:spiffe://example.org/agent/stranger"
     );
-    nothing_recorded(&pki, &server).await;
+    // No action; the refusal is audited, naming the SAN (a task of its own records it).
+    let denied = loop_until_denied(&pki, &server).await;
+    assert!(
+        denied.iter().all(|e| e.kind == "access.denied"),
+        "{denied:?}"
+    );
+    assert!(
+        denied[0]
+            .payload_json
+            .contains("URI:spiffe://example.org/agent/stranger"),
+        "{}",
+        denied[0].payload_json
+    );
+}
+
+/// Every event, once at least one `access.denied` is among them.
+async fn loop_until_denied(pki: &Pki, server: &TestServer) -> Vec<proto::Event> {
+    for _ in 0..250 {
+        let events = events(pki, server).await;
+        if events.iter().any(|e| e.kind == "access.denied") {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no access.denied was recorded");
 }
 
 #[tokio::test]

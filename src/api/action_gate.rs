@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::{Core, convert, status, validate};
-use crate::auth::{self, roles};
-use crate::domain::TaskContext;
+use crate::auth;
+use crate::domain::{OnBehalfOfSource, Principal, PrincipalKind, TaskContext};
 use crate::ledger::{CheckRecorded, LedgerError, NewCheck};
 use crate::policy::EvaluationInput;
 use crate::proto;
@@ -28,31 +28,58 @@ impl ActionGateApi {
     }
 }
 
-/// The human the credential says the agent acts for becomes `task.on_behalf_of`.
+/// Settles `task.on_behalf_of` and who vouches for it. A pure decision; the reason in
+/// `Err` is what the caller is told (PERMISSION_DENIED).
 ///
-/// An empty `on_behalf_of` is filled in from the credential; one that names the same human
-/// (case-insensitively, as reviews compare identities) is kept; one that names someone else
-/// is PERMISSION_DENIED, since a request body must not contradict its credential. The
-/// filled-in task is what the action's digest and its `action.requested` event record.
-/// Without [`auth::ActingFor`] the request's field stands as sent.
-fn apply_acting_for(
+/// - The credential names the human ([`auth::ActingFor`]): an empty field is filled in from
+///   it; the same human (case-insensitively, as reviews compare identities) is kept; anyone
+///   else is refused, since a request body must not contradict its credential.
+/// - Otherwise a named human is accepted only when the caller is that human, the caller
+///   is an agent trusted to assert it (`roles.on_behalf_of_asserters`), or the identity is
+///   a development one (which asserts everything). The two last are recorded as asserted.
+///
+/// The settled task is what the action's digest and its `action.requested` event record.
+fn settle_on_behalf_of(
     task: &mut TaskContext,
     acting_for: Option<&auth::ActingFor>,
-) -> Result<(), Status> {
-    let Some(acting_for) = acting_for else {
-        return Ok(());
+    principal: &Principal,
+    grants: &auth::Grants,
+) -> Result<Option<OnBehalfOfSource>, String> {
+    let vouched = |acting_for: &auth::ActingFor| {
+        if acting_for.asserted {
+            OnBehalfOfSource::Asserted
+        } else {
+            OnBehalfOfSource::Credential
+        }
     };
+    if let Some(acting_for) = acting_for {
+        if task.on_behalf_of.is_empty() {
+            task.on_behalf_of = acting_for.human.clone();
+            return Ok(Some(vouched(acting_for)));
+        }
+        if task.on_behalf_of.eq_ignore_ascii_case(&acting_for.human) {
+            return Ok(Some(vouched(acting_for)));
+        }
+        return Err(format!(
+            "the token acts for {}; the request names {} in task.on_behalf_of",
+            acting_for.human, task.on_behalf_of
+        ));
+    }
     if task.on_behalf_of.is_empty() {
-        task.on_behalf_of = acting_for.human.clone();
-        return Ok(());
+        return Ok(None);
     }
-    if task.on_behalf_of.eq_ignore_ascii_case(&acting_for.human) {
-        return Ok(());
+    if principal.kind == PrincipalKind::Human
+        && task.on_behalf_of.eq_ignore_ascii_case(&principal.id)
+    {
+        return Ok(Some(OnBehalfOfSource::Credential));
     }
-    Err(Status::permission_denied(format!(
-        "the token acts for {}; the request names {} in task.on_behalf_of",
-        acting_for.human, task.on_behalf_of
-    )))
+    if grants.may_assert_on_behalf_of || principal.authenticated_by == auth::DEVELOPMENT_METHOD {
+        return Ok(Some(OnBehalfOfSource::Asserted));
+    }
+    Err(format!(
+        "{} may not name the human it acts for: its credential names none, and it is not in a group of roles.on_behalf_of_asserters; leave task.on_behalf_of empty or use a credential that names the human",
+        principal.id
+    ))
 }
 
 #[tonic::async_trait]
@@ -63,10 +90,14 @@ impl ActionGate for ActionGateApi {
     ) -> Result<Response<proto::CheckActionResponse>, Status> {
         let principal = auth::principal(&request)?;
         let acting_for = auth::acting_for(&request);
-        let trace_id = telemetry::trace_id(request.metadata());
+        let grants = auth::grants(&request);
+        let refuser = auth::Refuser::of(&request);
+        let trace = telemetry::trace_context(request.metadata());
         let mut action =
             validate::check_action_request(request.into_inner()).map_err(status::invalid)?;
-        apply_acting_for(&mut action.task, acting_for.as_ref())?;
+        let on_behalf_of_source =
+            settle_on_behalf_of(&mut action.task, acting_for.as_ref(), &principal, &grants)
+                .map_err(|reason| refuser.permission_denied(reason))?;
         let ledger = &self.core.ledger;
         if let Some(refusal) = ledger.write_refusal() {
             return Err(status::ledger(refusal));
@@ -96,14 +127,21 @@ impl ActionGate for ActionGateApi {
             now,
         });
         let evaluated = evaluate_check(decision, now, &self.core.times);
+        let action_id = Uuid::now_v7();
+        let (trace_id, caller_span) = match trace {
+            Some(trace) => (trace.trace_id, Some(trace.caller)),
+            None => (telemetry::trace_context::derived_trace_id(&action_id), None),
+        };
         let check = NewCheck {
-            action_id: Uuid::now_v7(),
+            action_id,
             time: now,
             requested: ActionRequested {
                 requester: principal,
                 request: action,
                 action_digest: digest,
-                trace_id,
+                on_behalf_of_source,
+                trace_id: Some(trace_id),
+                caller_span,
             },
             evaluated,
         };
@@ -133,6 +171,8 @@ impl ActionGate for ActionGateApi {
         request: Request<proto::AwaitDecisionRequest>,
     ) -> Result<Response<proto::AwaitDecisionResponse>, Status> {
         let principal = auth::principal(&request)?;
+        let grants = auth::grants(&request);
+        let refuser = auth::Refuser::of(&request);
         let deadline = client_deadline(request.metadata());
         let body = request.into_inner();
         let id = validate::action_id("action_id", &body.action_id).map_err(status::invalid)?;
@@ -147,8 +187,8 @@ impl ActionGate for ActionGateApi {
             let record = actions
                 .get(&id)
                 .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
-            if record.requester.id != principal.id && !roles::is_auditor(&principal) {
-                return Err(Status::permission_denied(format!(
+            if record.requester.id != principal.id && !grants.waits_on_any_action() {
+                return Err(refuser.permission_denied(format!(
                     "action {id} belongs to {}; a caller may wait only on its own actions",
                     record.requester.id
                 )));
@@ -260,7 +300,7 @@ fn deadline_margin(deadline: Duration) -> Duration {
 }
 
 #[cfg(test)]
-mod acting_for_tests {
+mod on_behalf_of_tests {
     use super::*;
 
     fn alice() -> auth::ActingFor {
@@ -277,30 +317,83 @@ mod acting_for_tests {
         }
     }
 
+    fn caller(id: &str, kind: PrincipalKind, authenticated_by: &str) -> Principal {
+        Principal {
+            id: id.into(),
+            kind,
+            groups: vec![],
+            authenticated_by: authenticated_by.into(),
+        }
+    }
+
+    fn agent() -> Principal {
+        caller("deployer", PrincipalKind::Agent, "token:ci")
+    }
+
+    fn no_grants() -> auth::Grants {
+        auth::Grants::default()
+    }
+
     #[test]
     fn the_credentials_human_fills_an_empty_on_behalf_of() {
         let mut t = task("");
-        apply_acting_for(&mut t, Some(&alice())).unwrap();
+        let source = settle_on_behalf_of(&mut t, Some(&alice()), &agent(), &no_grants());
+        assert_eq!(source, Ok(Some(OnBehalfOfSource::Credential)));
         assert_eq!(t.on_behalf_of, "alice@example.com");
     }
 
     #[test]
-    fn the_same_human_is_kept_and_without_acting_for_the_request_stands() {
+    fn the_same_human_is_kept() {
         let mut t = task("Alice@Example.com");
-        apply_acting_for(&mut t, Some(&alice())).unwrap();
+        let source = settle_on_behalf_of(&mut t, Some(&alice()), &agent(), &no_grants());
+        assert_eq!(source, Ok(Some(OnBehalfOfSource::Credential)));
         assert_eq!(t.on_behalf_of, "Alice@Example.com");
-        let mut t = task("bob");
-        apply_acting_for(&mut t, None).unwrap();
-        assert_eq!(t.on_behalf_of, "bob");
     }
 
     #[test]
     fn a_request_naming_another_human_than_the_token_is_denied() {
-        let status = apply_acting_for(&mut task("bob"), Some(&alice())).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let refusal = settle_on_behalf_of(&mut task("bob"), Some(&alice()), &agent(), &no_grants())
+            .unwrap_err();
         assert_eq!(
-            status.message(),
+            refusal,
             "the token acts for alice@example.com; the request names bob in task.on_behalf_of"
+        );
+    }
+
+    #[test]
+    fn without_a_credential_naming_one_only_trusted_agents_may_assert_a_human() {
+        let refusal =
+            settle_on_behalf_of(&mut task("bob"), None, &agent(), &no_grants()).unwrap_err();
+        assert!(
+            refusal.contains("roles.on_behalf_of_asserters"),
+            "{refusal}"
+        );
+        let trusted = auth::Grants {
+            may_assert_on_behalf_of: true,
+            ..auth::Grants::default()
+        };
+        let mut t = task("bob");
+        let source = settle_on_behalf_of(&mut t, None, &agent(), &trusted);
+        assert_eq!(source, Ok(Some(OnBehalfOfSource::Asserted)));
+        assert_eq!(t.on_behalf_of, "bob");
+    }
+
+    #[test]
+    fn development_identities_assert_and_humans_may_name_themselves() {
+        let dev = caller("bot", PrincipalKind::Agent, auth::DEVELOPMENT_METHOD);
+        let source = settle_on_behalf_of(&mut task("bob"), None, &dev, &no_grants());
+        assert_eq!(source, Ok(Some(OnBehalfOfSource::Asserted)));
+        let bob = caller("bob", PrincipalKind::Human, "jwt:idp");
+        let source = settle_on_behalf_of(&mut task("Bob"), None, &bob, &no_grants());
+        assert_eq!(source, Ok(Some(OnBehalfOfSource::Credential)));
+        assert!(settle_on_behalf_of(&mut task("carol"), None, &bob, &no_grants()).is_err());
+    }
+
+    #[test]
+    fn nobody_named_is_nobody_vouched_for() {
+        assert_eq!(
+            settle_on_behalf_of(&mut task(""), None, &agent(), &no_grants()),
+            Ok(None)
         );
     }
 }

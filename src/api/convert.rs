@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::domain::{ActionRequest, Effect, Principal, PrincipalKind, RiskLevel};
+use crate::domain::{ActionRequest, Effect, OnBehalfOfSource, Principal, PrincipalKind, RiskLevel};
 use crate::proto;
 use crate::store::{StoredEvent, VerifyReport};
 use crate::workflow::{ActionRecord, ActionStatus, Outcome, Verdict, Vote};
@@ -166,6 +166,11 @@ pub fn action_record(record: &ActionRecord) -> proto::ActionRecord {
         trace_id: record.trace_id.clone().unwrap_or_default(),
         first_sequence: record.first_sequence,
         last_sequence: record.last_sequence,
+        on_behalf_of_source: match record.on_behalf_of_source {
+            None => proto::OnBehalfOfSource::Unspecified,
+            Some(OnBehalfOfSource::Credential) => proto::OnBehalfOfSource::Credential,
+            Some(OnBehalfOfSource::Asserted) => proto::OnBehalfOfSource::Asserted,
+        } as i32,
     }
 }
 

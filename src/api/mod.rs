@@ -32,6 +32,8 @@ use crate::workflow::DecisionTimes;
 pub struct CurrentPolicies {
     directory: PathBuf,
     current: RwLock<Arc<PolicySet>>,
+    /// Held for a whole reload, so two reloads cannot record and swap out of order.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl CurrentPolicies {
@@ -39,6 +41,7 @@ impl CurrentPolicies {
         CurrentPolicies {
             directory,
             current: RwLock::new(Arc::new(policies)),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -48,6 +51,16 @@ impl CurrentPolicies {
 
     pub fn directory(&self) -> &std::path::Path {
         &self.directory
+    }
+
+    /// Serializes reloads; hold the guard from reading the files until the swap.
+    pub async fn reload_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reloading.lock().await
+    }
+
+    /// Makes `policies` the set every later decision uses.
+    pub fn replace(&self, policies: PolicySet) {
+        *self.current.write() = Arc::new(policies);
     }
 }
 
@@ -64,6 +77,8 @@ pub struct Core {
     /// Becomes `true` when the server begins to stop: long waits answer at once and
     /// streams end, so graceful shutdown never waits on a reviewer who never leaves.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Open reviewer streams, for metrics.
+    pub reviewer_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Core {
@@ -73,11 +88,4 @@ impl Core {
         // An error means the server is gone, which is stopping too.
         let _ = stopping.wait_for(|stopping| *stopping).await;
     }
-}
-
-/// UNIMPLEMENTED, naming the RPC: the v1 surface is complete, its implementation is not yet.
-fn not_yet(rpc: &str) -> tonic::Status {
-    tonic::Status::unimplemented(format!(
-        "{rpc} is part of the countersign v1 API but not implemented by this server version"
-    ))
 }

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::review_stream::{self, PendingStream};
 use super::{Core, convert, status, validate};
-use crate::auth::{self, roles};
+use crate::auth;
 use crate::proto;
 use crate::proto::review_service_server::ReviewService;
 use crate::workflow::ActionCommand;
@@ -78,15 +78,17 @@ impl ReviewService for ReviewApi {
         request: Request<proto::GetActionRequest>,
     ) -> Result<Response<proto::GetActionResponse>, Status> {
         let principal = auth::principal(&request)?;
+        let grants = auth::grants(&request);
+        let refuser = auth::Refuser::of(&request);
         let id = validate::action_id("action_id", &request.get_ref().action_id)
             .map_err(status::invalid)?;
         let actions = self.core.ledger.actions();
         let record = actions
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
-        if record.requester.id != principal.id && !roles::reads_all_actions(&principal) {
-            return Err(Status::permission_denied(format!(
-                "action {id} belongs to another requester; agents may read only their own actions"
+        if record.requester.id != principal.id && !grants.reads_all_actions() {
+            return Err(refuser.permission_denied(format!(
+                "action {id} belongs to another requester; only reviewers and auditors read others' actions"
             )));
         }
         Ok(Response::new(proto::GetActionResponse {
@@ -99,6 +101,8 @@ impl ReviewService for ReviewApi {
         request: Request<proto::ListActionsRequest>,
     ) -> Result<Response<proto::ListActionsResponse>, Status> {
         let principal = auth::principal(&request)?;
+        let grants = auth::grants(&request);
+        let refuser = auth::Refuser::of(&request);
         let body = request.into_inner();
         let status_filter = validate::status_filter(body.status).map_err(status::invalid)?;
         let page_size = validate::page_size(body.page_size).map_err(status::invalid)?;
@@ -107,13 +111,13 @@ impl ReviewService for ReviewApi {
         } else {
             Some(validate::action_id("page_token", &body.page_token).map_err(status::invalid)?)
         };
-        let requester = if roles::reads_all_actions(&principal) {
+        let requester = if grants.reads_all_actions() {
             body.requester_id
         } else if body.requester_id.is_empty() || body.requester_id == principal.id {
             principal.id.clone()
         } else {
-            return Err(Status::permission_denied(
-                "agents may list only their own actions",
+            return Err(refuser.permission_denied(
+                "only reviewers and auditors list others' actions; leave requester_id empty for your own",
             ));
         };
 

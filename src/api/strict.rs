@@ -1164,6 +1164,7 @@ mod tests {
         let record = proto::ActionRecord {
             action_id: "0190f3e4-7d1c-7a8b-9c2d-3e4f5a6b7c8d".into(),
             status: proto::ActionStatus::Approved.into(),
+            on_behalf_of_source: proto::OnBehalfOfSource::Asserted.into(),
             action: Some(action()),
             task: Some(task()),
             requester: Some(proto::Principal {

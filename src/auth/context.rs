@@ -2,10 +2,10 @@
 //!
 //! An authenticator that knows more than the [`Principal`] returns an [`AuthContext`] from
 //! `Authenticator::authenticate_context` (overridden by `JwtAuthenticator` and
-//! `CredentialChain`). The interceptor stores it with [`AuthContext::insert_into`], which puts the
+//! `CredentialChain`). The edge guard (`auth::guard`) stores it with [`AuthContext::insert_into`], which puts the
 //! [`Principal`] and, when there is one, the [`ActingFor`] into the request extensions;
 //! handlers read them with `auth::principal` and [`acting_for`]. Both are set by the
-//! interceptor only, before the handler runs, so a client can never supply either.
+//! guard only, before the handler runs, so a client can never supply either.
 
 use tonic::Request;
 

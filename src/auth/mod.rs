@@ -1,30 +1,35 @@
 //! Who is calling: turns a request's credentials into a [`Principal`].
 //!
-//! Authentication runs once per call, as a tonic interceptor in front of every countersign
-//! service ([`AuthLayer`]); handlers only ever read the [`Principal`] (and the
-//! [`ActingFor`], if any) it left in the request extensions ([`principal`], [`acting_for`]).
-//! Nothing a handler does depends on how the identity was established, so real
-//! authenticators drop in without touching the handlers.
+//! Authentication and authorization run once per call, in the [`Guard`] in front of every
+//! countersign service; handlers only ever read the [`Principal`], the [`ActingFor`] (if
+//! any) and the [`Grants`] it left in the request extensions ([`principal`],
+//! [`acting_for`], [`grants`]). Nothing a handler does depends on how the identity was
+//! established, so authenticators drop in without touching the handlers.
 
 pub mod chain;
 pub mod context;
 pub mod credentials;
+pub mod denials;
 mod development;
+pub mod guard;
 pub mod jwt;
 pub mod mtls;
 pub mod roles;
 pub mod token;
-
-use std::sync::Arc;
 
 use tonic::{Request, Status};
 
 pub use chain::CredentialChain;
 pub use context::{ActingFor, AuthContext, acting_for};
 pub use credentials::AuthConfigError;
-pub use development::{DevelopmentIdentity, GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
+pub use denials::{DenialReporter, start_recorder as start_denial_recorder};
+pub use development::{
+    DevelopmentIdentity, GROUPS_HEADER, KIND_HEADER, METHOD as DEVELOPMENT_METHOD, PRINCIPAL_HEADER,
+};
+pub use guard::{Guard, GuardLayer, Refuser};
 pub use jwt::{JwtAuthenticator, JwtConfig, PublicKeyFile};
 pub use mtls::{IdentityEntry, MtlsAuthenticator, MtlsConfig};
+pub use roles::{Grants, Roles, RolesConfig};
 pub use token::{StaticTokenAuthenticator, TokenConfig, TokenEntry, token_hash};
 
 use crate::domain::Principal;
@@ -34,7 +39,7 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, request: &Request<()>) -> Result<Principal, AuthError>;
 
     /// Everything the credential established: the principal and, when the credential names
-    /// one, the human the agent acts for. What [`AuthLayer`] stores for handlers. The
+    /// one, the human the agent acts for. What [`Guard`] stores for handlers. The
     /// default knows only the principal; authenticators whose credentials can say more
     /// override it.
     fn authenticate_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
@@ -56,35 +61,9 @@ impl From<AuthError> for Status {
     }
 }
 
-/// The interceptor that runs the configured [`Authenticator`] on every call.
-#[derive(Clone)]
-pub struct AuthLayer {
-    authenticator: Arc<dyn Authenticator>,
-}
-
-impl AuthLayer {
-    pub fn new(authenticator: Arc<dyn Authenticator>) -> Self {
-        AuthLayer { authenticator }
-    }
-}
-
-impl tonic::service::Interceptor for AuthLayer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let context = self
-            .authenticator
-            .authenticate_context(&request)
-            .inspect_err(|e| {
-                tracing::warn!(error = %e, "call refused: unauthenticated");
-            })?;
-        // Also clears any ActingFor a call without one could otherwise carry.
-        context.insert_into(request.extensions_mut());
-        Ok(request)
-    }
-}
-
 /// The authenticated caller of this request.
 ///
-/// UNAUTHENTICATED if the service was (wrongly) mounted without [`AuthLayer`]: a missing
+/// UNAUTHENTICATED if the service was (wrongly) mounted without [`Guard`]: a missing
 /// identity must never read as "anyone".
 pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
     request
@@ -94,26 +73,12 @@ pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
         .ok_or_else(|| Status::unauthenticated("no authenticated principal for this call"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tonic::service::Interceptor as _;
-
-    #[test]
-    fn the_layer_stores_the_context_and_an_authenticator_without_one_acts_for_nobody() {
-        let mut layer = AuthLayer::new(Arc::new(DevelopmentIdentity));
-        let mut request = Request::new(());
-        request
-            .metadata_mut()
-            .insert(PRINCIPAL_HEADER, "deployer".parse().unwrap());
-        // Nothing a client sends can end up as an extension, but make sure a stale one
-        // would not survive authentication either.
-        request.extensions_mut().insert(ActingFor {
-            human: "mallory".into(),
-            asserted: false,
-        });
-        let accepted = layer.call(request).unwrap();
-        assert_eq!(principal(&accepted).unwrap().id, "deployer");
-        assert_eq!(acting_for(&accepted), None);
-    }
+/// The roles the caller holds. None at all if the service was (wrongly) mounted without
+/// [`Guard`]: a missing grant never reads as a privilege.
+pub fn grants<T>(request: &Request<T>) -> Grants {
+    request
+        .extensions()
+        .get::<Grants>()
+        .copied()
+        .unwrap_or_default()
 }

@@ -73,6 +73,7 @@ pub fn action_record(record: &proto::ActionRecord) -> Value {
             "task_id": t.task_id,
             "origin": t.origin,
             "on_behalf_of": t.on_behalf_of,
+            "on_behalf_of_source": on_behalf_of_source(record.on_behalf_of_source),
             "labels": t.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<Map<_, _>>(),
         })),
         "requester": record.requester.as_ref().map_or(Value::Null, |p| json!({
@@ -113,6 +114,14 @@ pub fn action_record(record: &proto::ActionRecord) -> Value {
         "first_sequence": record.first_sequence,
         "last_sequence": record.last_sequence,
     })
+}
+
+fn on_behalf_of_source(source: i32) -> Value {
+    match proto::OnBehalfOfSource::try_from(source) {
+        Ok(proto::OnBehalfOfSource::Credential) => json!("credential"),
+        Ok(proto::OnBehalfOfSource::Asserted) => json!("asserted"),
+        _ => Value::Null,
+    }
 }
 
 pub fn vote(vote: &proto::Vote) -> Value {

@@ -145,7 +145,14 @@ pub fn action_block(
         ),
     );
     let task = record.task.clone().unwrap_or_default();
-    block.field("on behalf of", &or_none(&task.on_behalf_of));
+    let on_behalf_of = match record.on_behalf_of_source() {
+        proto::OnBehalfOfSource::Asserted => format!(
+            "{} (asserted by the requester, not verified)",
+            clean(&task.on_behalf_of)
+        ),
+        _ => or_none(&task.on_behalf_of),
+    };
+    block.field("on behalf of", &on_behalf_of);
     let task_line = match (task.task_id.is_empty(), task.origin.is_empty()) {
         (true, true) => "(none)".to_string(),
         (false, true) => clean(&task.task_id),

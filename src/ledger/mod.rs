@@ -29,11 +29,12 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::store::{EventLog, StoreError, StoredEvent, VerifyReport};
+use crate::domain::RiskLevel;
+use crate::store::{EventLog, NewEvent, StoreError, StoredEvent, VerifyReport};
 use crate::workflow::record::EventContext;
 use crate::workflow::{
-    ActionCommand, ActionEvent, ActionRecord, ActionRequested, Actions, DecisionTimes,
-    PolicyEvaluated, Refusal,
+    ActionCommand, ActionEvent, ActionRecord, ActionRequested, ActionStatus, Actions,
+    DecisionTimes, PolicyEvaluated, Refusal,
 };
 use waiters::Waiters;
 
@@ -52,6 +53,16 @@ const QUEUE_CAPACITY: usize = 8192;
 const FEED_CAPACITY: usize = 4096;
 
 pub use crate::workflow::SERVER_ACTOR;
+
+/// What the ledger reports as it commits, for metrics. Called on the writer thread after
+/// a batch is durable and visible: implementations must be quick and must not block.
+pub trait LedgerObserver: Send + Sync + 'static {
+    /// An action got a status: at evaluation (allowed, denied, pending) or a final one
+    /// after review (approved, rejected, expired, cancelled, with how long it waited).
+    fn decided(&self, status: ActionStatus, risk: RiskLevel, waited: Option<Duration>);
+    /// One group commit was flushed.
+    fn flushed(&self, took: Duration, events: usize);
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -131,6 +142,11 @@ enum Command {
         time: DateTime<Utc>,
         reply: oneshot::Sender<Result<ActionRecord, LedgerError>>,
     },
+    /// Events about no action (access denials, policy reloads): appended as given.
+    Record {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+    },
 }
 
 /// What start-up found in the log.
@@ -156,6 +172,8 @@ pub struct Ledger {
     applied: watch::Receiver<u64>,
     /// Joined on drop so the last batch is flushed before the process exits.
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Set once, by whoever keeps metrics; read by the writer.
+    observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
 }
 
 /// Why the ledger refuses writes, if it does. Shared with the writer thread.
@@ -244,7 +262,9 @@ impl Ledger {
         let waiters = Arc::new(Waiters::default());
         let expiry_wakeup = Arc::new(Notify::new());
         let (applied_tx, applied) = watch::channel(state.read().applied_sequence());
+        let observer = Arc::new(std::sync::OnceLock::new());
         let writer = writer::Writer {
+            observer: observer.clone(),
             applied: applied_tx,
             log: log.clone(),
             state: state.clone(),
@@ -270,9 +290,15 @@ impl Ledger {
                 expiry_wakeup,
                 applied,
                 writer: Mutex::new(Some(handle)),
+                observer,
             },
             report,
         ))
+    }
+
+    /// Reports commits to `observer` from now on. Only the first observer set counts.
+    pub fn set_observer(&self, observer: Arc<dyn LedgerObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// Starts the timer that expires pending actions at their `expires_at`, including those
@@ -323,6 +349,18 @@ impl Ledger {
             reply,
         })
         .await
+    }
+
+    /// Appends events that concern no action, such as access denials and policy reloads,
+    /// durably and in order; answers with the sequence of the last one. They are
+    /// `action_id`-less: an event naming an action must go through [`Ledger::act`].
+    pub async fn record(&self, events: Vec<NewEvent>) -> Result<u64, LedgerError> {
+        if events.iter().any(|e| e.action_id.is_some()) {
+            return Err(LedgerError::WriteFailed(
+                "events about an action are recorded through the workflow".into(),
+            ));
+        }
+        self.submit(|reply| Command::Record { events, reply }).await
     }
 
     /// Waits until the action is final or `wait` elapses, then returns its record. No
@@ -404,6 +442,7 @@ fn fold(actions: &mut Actions, stored: &StoredEvent) -> Result<(), String> {
     let Some(event) =
         ActionEvent::from_stored(&stored.kind, &stored.payload).map_err(|e| e.to_string())?
     else {
+        actions.pass_over(stored.sequence);
         return Ok(());
     };
     let action_id = stored.action_id.ok_or_else(|| {

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use super::waiters::Waiters;
 use super::{
-    CheckRecorded, Command, CommittedBatch, CommittedEvent, Health, LedgerError, MAX_BATCH,
-    NewCheck, WriteRefusal,
+    CheckRecorded, Command, CommittedBatch, CommittedEvent, Health, LedgerError, LedgerObserver,
+    MAX_BATCH, NewCheck, WriteRefusal,
 };
 use crate::store::{EventLog, NewEvent, StoreError};
 use crate::workflow::record::EventContext;
@@ -29,6 +29,7 @@ pub(super) struct Writer {
     pub(super) expiry_wakeup: Arc<Notify>,
     pub(super) times: DecisionTimes,
     pub(super) applied: watch::Sender<u64>,
+    pub(super) observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
 }
 
 /// How a decided command will be answered once its batch is (or is not) durable.
@@ -44,6 +45,11 @@ enum Reply {
         action_id: Uuid,
         result: Result<(), Refusal>,
         appended: bool,
+    },
+    Record {
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+        /// The sequence the last of its events will have.
+        last_sequence: u64,
     },
 }
 
@@ -116,6 +122,16 @@ impl Batch {
         self.to_append.extend(encoded);
         Ok(())
     }
+
+    /// Adds events that concern no action; returns the sequence of the last one.
+    fn push_unfolded(&mut self, events: Vec<NewEvent>) -> u64 {
+        for event in events {
+            self.scratch.pass_over(self.next_sequence);
+            self.to_append.push(event);
+            self.next_sequence += 1;
+        }
+        self.next_sequence - 1
+    }
 }
 
 impl Writer {
@@ -141,6 +157,7 @@ impl Writer {
                 match command {
                     Command::Check { reply, .. } => drop(reply.send(Err(refusal()))),
                     Command::Act { reply, .. } => drop(reply.send(Err(refusal()))),
+                    Command::Record { reply, .. } => drop(reply.send(Err(refusal()))),
                 }
             }
             return;
@@ -171,6 +188,13 @@ impl Writer {
                     }),
                     Err(e) => drop(reply.send(Err(e))),
                 },
+                Command::Record { events, reply } => {
+                    let last_sequence = batch.push_unfolded(events);
+                    batch.replies.push(Reply::Record {
+                        reply,
+                        last_sequence,
+                    });
+                }
             }
         }
 
@@ -178,7 +202,15 @@ impl Writer {
         let appended = if to_append.is_empty() {
             Ok(Vec::new())
         } else {
-            self.log.append(to_append)
+            let count = to_append.len();
+            let started = std::time::Instant::now();
+            let appended = self.log.append(to_append);
+            if appended.is_ok()
+                && let Some(observer) = self.observer.get()
+            {
+                observer.flushed(started.elapsed(), count);
+            }
+            appended
         };
         match appended {
             Ok(stored) => {
@@ -296,10 +328,13 @@ impl Writer {
         } else {
             HashMap::new()
         };
+        if let Some(observer) = self.observer.get() {
+            report_decisions(observer.as_ref(), &events, &state);
+        }
         let answers: Vec<(Reply, Option<ActionRecord>)> = replies
             .into_iter()
             .map(|reply| {
-                let record = state.get(&reply.action_id()).cloned();
+                let record = reply.action_id().and_then(|id| state.get(&id).cloned());
                 (reply, record)
             })
             .collect();
@@ -340,23 +375,52 @@ impl Writer {
                 reply.refuse(LedgerError::WriteFailed(message.clone()));
             } else {
                 // Nothing of this command was in the failed append: answer as usual.
-                let record = state.get(&reply.action_id()).cloned();
+                let record = reply.action_id().and_then(|id| state.get(&id).cloned());
                 answer(reply, record);
             }
         }
     }
 }
 
+/// Tells the observer which statuses the batch's events gave their actions.
+fn report_decisions(observer: &dyn LedgerObserver, events: &[CommittedEvent], state: &Actions) {
+    for committed in events {
+        let status = match &committed.event {
+            ActionEvent::Evaluated(evaluated) => evaluated.status,
+            ActionEvent::Approved(_) => ActionStatus::Approved,
+            ActionEvent::Rejected(_) => ActionStatus::Rejected,
+            ActionEvent::Expired(_) => ActionStatus::Expired,
+            ActionEvent::Cancelled(_) => ActionStatus::Cancelled,
+            _ => continue,
+        };
+        let Some(record) = state.get(&committed.action_id) else {
+            continue;
+        };
+        let Some(decision) = &record.decision else {
+            continue;
+        };
+        let waited = match &committed.event {
+            ActionEvent::Evaluated(_) => None,
+            _ => record
+                .decided_at
+                .and_then(|decided| (decided - record.created_at).to_std().ok()),
+        };
+        observer.decided(status, decision.risk, waited);
+    }
+}
+
 impl Reply {
-    fn action_id(&self) -> Uuid {
+    fn action_id(&self) -> Option<Uuid> {
         match self {
-            Reply::Check { action_id, .. } | Reply::Act { action_id, .. } => *action_id,
+            Reply::Check { action_id, .. } | Reply::Act { action_id, .. } => Some(*action_id),
+            Reply::Record { .. } => None,
         }
     }
 
     fn appended(&self) -> bool {
         match self {
             Reply::Check { appended, .. } | Reply::Act { appended, .. } => *appended,
+            Reply::Record { .. } => true,
         }
     }
 
@@ -364,6 +428,7 @@ impl Reply {
         match self {
             Reply::Check { reply, .. } => drop(reply.send(Err(error))),
             Reply::Act { reply, .. } => drop(reply.send(Err(error))),
+            Reply::Record { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }
@@ -395,5 +460,9 @@ fn answer(reply: Reply, record: Option<ActionRecord>) {
             };
             let _ = reply.send(answer);
         }
+        Reply::Record {
+            reply,
+            last_sequence,
+        } => drop(reply.send(Ok(last_sequence))),
     }
 }

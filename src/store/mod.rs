@@ -147,6 +147,9 @@ pub struct EventLog {
     db: sled::Db,
     events: sled::Tree,
     meta: sled::Tree,
+    /// Named positions in the log kept by its readers (the span exporter); not part of the
+    /// chain, so moving one never touches the evidence.
+    cursors: sled::Tree,
     /// Held for the whole of `append`, so sequence numbers cannot race even if two threads call it.
     writer: Mutex<Writer>,
     /// The head of the last batch known durable. Readers look only at this, so they never wait
@@ -174,6 +177,7 @@ impl EventLog {
         let db = open_sled(dir).map_err(open_err)?;
         let events = db.open_tree("events").map_err(open_err)?;
         let meta = db.open_tree("meta").map_err(open_err)?;
+        let cursors = db.open_tree("cursors").map_err(open_err)?;
 
         let recorded = match meta.get(codec::HEAD_KEY).map_err(open_err)? {
             None => Ok(None),
@@ -230,6 +234,7 @@ impl EventLog {
             db,
             events,
             meta,
+            cursors,
             writer: Mutex::new(Writer {
                 head,
                 refused,
@@ -546,6 +551,47 @@ impl EventLog {
             });
         }
         self.db.flush().map(drop).map_err(StoreError::Write)
+    }
+
+    /// The position saved under `name`: the last event its reader is done with; 0 when none.
+    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+        match self
+            .cursors
+            .get(name.as_bytes())
+            .map_err(StoreError::Read)?
+        {
+            None => Ok(0),
+            Some(value) => value
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    sequence: 0,
+                    problem: format!("cursor {name} is {} bytes instead of 8", value.len()),
+                }),
+        }
+    }
+
+    /// Saves the position under `name` durably. Refused like `flush` after a failed write.
+    pub fn save_cursor(&self, name: &str, sequence: u64) -> Result<(), StoreError> {
+        {
+            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            if writer.write_failed {
+                return Err(StoreError::WritesRefused {
+                    reason: writer.refused.clone().unwrap_or_default(),
+                });
+            }
+            if let Err(e) = self
+                .cursors
+                .insert(name.as_bytes(), &sequence.to_be_bytes())
+            {
+                // As after a failed append: sled's next flush would wait forever.
+                writer.write_failed = true;
+                writer.refused = Some(format!("an earlier write failed ({e}); restart the server"));
+                return Err(StoreError::Write(e));
+            }
+        }
+        self.flush()
     }
 
     fn durable_head(&self) -> Head {

@@ -119,6 +119,25 @@ fn appended_events_read_back_exactly() -> TestResult {
 }
 
 #[test]
+fn cursors_survive_a_reopen_and_leave_the_chain_alone() -> TestResult {
+    let dir = TempDir::new()?;
+    {
+        let log = EventLog::open(dir.path())?;
+        log.append(events(1..=3))?;
+        assert_eq!(log.cursor("spans")?, 0);
+        log.save_cursor("spans", 2)?;
+        log.save_cursor("other", 3)?;
+        assert_eq!(log.cursor("spans")?, 2);
+    }
+    let log = EventLog::open(dir.path())?;
+    assert_eq!((log.cursor("spans")?, log.cursor("other")?), (2, 3));
+    let report = verify(&log);
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.events_checked, 3);
+    Ok(())
+}
+
+#[test]
 fn stored_body_is_the_documented_layout() -> TestResult {
     let dir = TempDir::new()?;
     let log = EventLog::open(dir.path())?;

@@ -390,7 +390,9 @@ mod tests {
                 idempotency_key: String::new(),
             },
             action_digest: "d".repeat(64),
+            on_behalf_of_source: None,
             trace_id: None,
+            caller_span: None,
             status: ActionStatus::Pending,
             decision: Some(Decision {
                 effect: Effect::RequireApproval,

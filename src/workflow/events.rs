@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::record::ActionStatus;
-use crate::domain::{ActionRequest, Principal};
+use crate::domain::{ActionRequest, CallerSpan, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
 
 /// A caller asked for an action. Always followed, in the same atomic append, by its
@@ -17,9 +17,16 @@ pub struct ActionRequested {
     pub requester: Principal,
     pub request: ActionRequest,
     pub action_digest: String,
-    /// The caller's W3C trace id, when it propagated one.
+    /// Set when `request.task.on_behalf_of` names a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of_source: Option<OnBehalfOfSource>,
+    /// The W3C trace id the action's spans belong to: the caller's, or one derived from
+    /// the action id when it propagated none. `None` only in logs from before traces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// The caller's span, when it propagated a trace context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_span: Option<CallerSpan>,
 }
 
 /// The policy decision for an action and the status it put the action in.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::events::{ActionEvent, ActionRequested, Outcome, PolicyEvaluated, Verdict};
-use crate::domain::{ActionRequest, Principal};
+use crate::domain::{ActionRequest, CallerSpan, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -66,7 +66,10 @@ pub struct ActionRecord {
     pub requester: Principal,
     pub request: ActionRequest,
     pub action_digest: String,
+    /// Who vouches for `request.task.on_behalf_of`, when it names a human.
+    pub on_behalf_of_source: Option<OnBehalfOfSource>,
     pub trace_id: Option<String>,
+    pub caller_span: Option<CallerSpan>,
     pub status: ActionStatus,
     /// `None` only between the request event and its evaluation, never outside the ledger.
     pub decision: Option<Decision>,
@@ -160,6 +163,11 @@ impl Actions {
             .and_then(|id| self.by_id.get(id))
     }
 
+    /// How many actions wait for reviewers.
+    pub fn pending_count(&self) -> usize {
+        self.pending_by_expiry.len()
+    }
+
     /// The pending action that expires first.
     pub fn next_expiry(&self) -> Option<(DateTime<Utc>, Uuid)> {
         self.pending_by_expiry.first().copied()
@@ -249,7 +257,9 @@ impl Actions {
                 requester: requested.requester.clone(),
                 request: requested.request.clone(),
                 action_digest: requested.action_digest.clone(),
+                on_behalf_of_source: requested.on_behalf_of_source,
                 trace_id: requested.trace_id.clone(),
+                caller_span: requested.caller_span.clone(),
                 // Until the evaluation is applied; both are appended atomically.
                 status: ActionStatus::Pending,
                 decision: None,
@@ -264,6 +274,12 @@ impl Actions {
             },
         );
         Ok(())
+    }
+
+    /// Moves the position past an event that is not about any action (an access denial, a
+    /// policy reload), so followers of the log see it as visible too.
+    pub fn pass_over(&mut self, sequence: u64) {
+        self.applied_sequence = self.applied_sequence.max(sequence);
     }
 
     /// Replaces (or inserts) whole records; used to publish a committed batch at once.

@@ -353,6 +353,23 @@ pub async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> T {
 }
 
 /// Every event of the log (or of one action) as an auditor reads it.
+/// The `access.denied` events in the log, once there are at least `at_least` of them.
+/// Refusals are recorded by a task of their own, a moment after the refused call returns.
+pub async fn access_denials(server: &TestServer, at_least: usize) -> Vec<proto::Event> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let denials: Vec<proto::Event> = read_events(server, "")
+            .await
+            .into_iter()
+            .filter(|e| e.kind == "access.denied")
+            .collect();
+        if denials.len() >= at_least || tokio::time::Instant::now() > deadline {
+            return denials;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn read_events(server: &TestServer, action_id: &str) -> Vec<proto::Event> {
     let mut audit = server.audit(&Caller::human("auditor", "auditors")).await;
     let mut stream = audit
