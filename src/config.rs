@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::{JwtConfig, RolesConfig, TokenConfig};
+use crate::auth::{JwtConfig, MtlsConfig, RolesConfig, TokenConfig};
 use crate::telemetry::LogFormat;
 use crate::telemetry::export::ExportSettings;
 use crate::workflow::DecisionTimes;
@@ -49,6 +49,17 @@ pub struct ServerConfig {
     pub otlp: Option<ExportSettings>,
     /// Where `/metrics` and `/status` are served over HTTP; loopback only.
     pub metrics_listen: Option<SocketAddr>,
+    /// `None`: plaintext HTTP/2, loopback only.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The server's certificate and key: PEM files, paths already resolved (file paths against
+/// the config file's directory, flag paths against the working directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// How callers are authenticated.
@@ -63,19 +74,24 @@ pub enum AuthSettings {
         /// Boxed: far larger than the other variant.
         jwt: Option<Box<JwtConfig>>,
         tokens: Option<TokenConfig>,
+        /// Client certificates; needs `ServerConfig::tls`.
+        mtls: Option<MtlsConfig>,
         /// Relative key file paths are resolved against this: the config file's directory.
         base_dir: PathBuf,
     },
 }
 
 impl AuthSettings {
-    /// The names of the configured methods, for logs (`jwt`, `tokens`).
+    /// The names of the configured methods, for logs (`jwt`, `tokens`, `mtls`).
     pub fn methods(&self) -> Vec<&'static str> {
         match self {
             AuthSettings::Development => Vec::new(),
-            AuthSettings::Credentials { jwt, tokens, .. } => [
+            AuthSettings::Credentials {
+                jwt, tokens, mtls, ..
+            } => [
                 jwt.as_ref().map(|_| "jwt"),
                 tokens.as_ref().map(|_| "tokens"),
+                mtls.as_ref().map(|_| "mtls"),
             ]
             .into_iter()
             .flatten()
@@ -98,6 +114,7 @@ impl ServerConfig {
             max_await: DEFAULT_MAX_AWAIT,
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
             auth: AuthSettings::Development,
+            tls: None,
             roles: RolesConfig::default(),
             otlp: None,
             metrics_listen: None,
@@ -123,6 +140,12 @@ pub enum ConfigError {
         field: &'static str,
         problem: String,
     },
+    /// Settings that do not fit together once flags and file are combined.
+    #[error("{field}: {problem}")]
+    Incomplete {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 /// The config file's shape. Every field is optional; unknown fields are refused so a typo
@@ -140,6 +163,8 @@ pub struct ConfigFile {
     pub limits: LimitsSection,
     /// Absent: development identity (loopback only).
     pub auth: Option<AuthSection>,
+    /// Absent: plaintext (loopback only).
+    pub tls: Option<TlsSection>,
     /// Absent: the defaults of [`RolesConfig`].
     pub roles: Option<RolesConfig>,
     #[serde(default)]
@@ -167,6 +192,16 @@ pub struct TelemetrySection {
 pub struct AuthSection {
     pub jwt: Option<JwtConfig>,
     pub tokens: Option<TokenConfig>,
+    pub mtls: Option<MtlsConfig>,
+}
+
+/// `[tls]`: the server's certificate chain and private key, PEM files relative to the
+/// config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,6 +244,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub policies: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    /// `--tls-cert`: relative to the working directory.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`: relative to the working directory.
+    pub tls_key: Option<PathBuf>,
     /// From `--otlp-endpoint` or `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
     pub otlp_endpoint: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
@@ -244,6 +283,10 @@ pub fn resolve(
     overrides: Overrides,
 ) -> Result<ServerConfig, ConfigError> {
     let mut config = ServerConfig::new(DEFAULT_DATA_DIR, DEFAULT_POLICIES);
+    let mut tls_cert = None;
+    let mut tls_key = None;
+    // The config file naming [auth.mtls], for the error if TLS ends up missing.
+    let mut mtls_in = None;
     if let Some((path, file)) = file {
         config.listen = file.listen.unwrap_or(config.listen);
         config.data_dir = file.data_dir.unwrap_or(config.data_dir);
@@ -314,24 +357,50 @@ pub fn resolve(
             config.roles = roles;
         }
         if let Some(auth) = file.auth {
-            if auth.jwt.is_none() && auth.tokens.is_none() {
+            if auth.jwt.is_none() && auth.tokens.is_none() && auth.mtls.is_none() {
                 return Err(ConfigError::Invalid {
                     path: path.to_path_buf(),
                     field: "auth",
-                    problem: "configure [auth.jwt] and/or [auth.tokens], or remove [auth] to use development identity (loopback only)".into(),
+                    problem: "configure [auth.jwt], [auth.tokens] and/or [auth.mtls], or remove [auth] to use development identity (loopback only)".into(),
                 });
+            }
+            if auth.mtls.is_some() {
+                mtls_in = Some(path);
             }
             config.auth = AuthSettings::Credentials {
                 jwt: auth.jwt.map(Box::new),
                 tokens: auth.tokens,
+                mtls: auth.mtls,
                 base_dir: config_dir(path),
             };
+        }
+        if let Some(tls) = file.tls {
+            tls_cert = Some(config_dir(path).join(tls.cert));
+            tls_key = Some(config_dir(path).join(tls.key));
         }
     }
     config.listen = overrides.listen.unwrap_or(config.listen);
     config.data_dir = overrides.data_dir.unwrap_or(config.data_dir);
     config.policies = overrides.policies.unwrap_or(config.policies);
     config.log_format = overrides.log_format.unwrap_or(config.log_format);
+    config.tls = match (
+        overrides.tls_cert.or(tls_cert),
+        overrides.tls_key.or(tls_key),
+    ) {
+        (Some(cert), Some(key)) => Some(TlsSettings { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => return Err(incomplete_tls("a certificate but no key")),
+        (None, Some(_)) => return Err(incomplete_tls("a key but no certificate")),
+    };
+    if let Some(path) = mtls_in
+        && config.tls.is_none()
+    {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: "auth.mtls",
+            problem: "client certificates are checked during the TLS handshake: configure [tls] cert and key (or --tls-cert and --tls-key)".into(),
+        });
+    }
     config.metrics_listen = overrides.metrics_listen.or(config.metrics_listen);
     if let Some(endpoint) = overrides.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
         let (service_name, metrics_interval) = config.otlp.take().map_or_else(
@@ -345,6 +414,13 @@ pub fn resolve(
         });
     }
     Ok(config)
+}
+
+fn incomplete_tls(what: &str) -> ConfigError {
+    ConfigError::Incomplete {
+        field: "tls",
+        problem: format!("{what}: give both ([tls] cert and key, or --tls-cert and --tls-key)"),
+    }
 }
 
 #[cfg(test)]
@@ -421,6 +497,7 @@ mod tests {
             jwt,
             tokens,
             base_dir,
+            ..
         } = &config.auth
         else {
             panic!("expected credentials, got {:?}", config.auth);
@@ -443,6 +520,9 @@ mod tests {
     fn unknown_auth_keys_and_an_empty_auth_section_are_refused() {
         for text in [
             "[auth]\nmtls = true",
+            "[auth.mtls]\nclient_ca = \"ca.pem\"\nidentity = []",
+            "[tls]\ncert = \"c.pem\"",
+            "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"",
             "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\naudiance = \"a\"",
             "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\npublic_keys = [{ path = \"k.pem\", kind = \"x\" }]",
             "[[auth.tokens.tokens]]\nsha256 = \"00\"\nprincipal = \"p\"\nkind = \"agent\"\ntoken = \"secret\"",
@@ -455,6 +535,86 @@ mod tests {
         let err = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("auth:"), "{err}");
         assert!(err.to_string().contains("[auth.jwt]"), "{err}");
+    }
+
+    #[test]
+    fn tls_paths_in_the_file_are_relative_to_it_and_flags_replace_them() {
+        let file = || -> ConfigFile {
+            toml::from_str("[tls]\ncert = \"tls/server.pem\"\nkey = \"/keys/server-key.pem\"")
+                .unwrap()
+        };
+        let path = Path::new("/etc/countersign/c.toml");
+        let config = resolve(Some((path, file())), Overrides::default()).unwrap();
+        assert_eq!(
+            config.tls,
+            Some(TlsSettings {
+                cert: PathBuf::from("/etc/countersign/tls/server.pem"),
+                key: PathBuf::from("/keys/server-key.pem"),
+            })
+        );
+        let overrides = Overrides {
+            tls_cert: Some("renewed.pem".into()),
+            ..Default::default()
+        };
+        let tls = resolve(Some((path, file())), overrides)
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(tls.cert, PathBuf::from("renewed.pem"));
+        assert_eq!(tls.key, PathBuf::from("/keys/server-key.pem"));
+        assert_eq!(resolve(None, Overrides::default()).unwrap().tls, None);
+    }
+
+    #[test]
+    fn a_certificate_without_a_key_is_refused() {
+        for overrides in [
+            Overrides {
+                tls_cert: Some("server.pem".into()),
+                ..Default::default()
+            },
+            Overrides {
+                tls_key: Some("server-key.pem".into()),
+                ..Default::default()
+            },
+        ] {
+            let err = resolve(None, overrides).unwrap_err().to_string();
+            assert!(err.starts_with("tls: a "), "{err}");
+            assert!(err.contains("--tls-cert and --tls-key"), "{err}");
+        }
+    }
+
+    #[test]
+    fn client_certificates_need_tls() {
+        let text = r#"
+            [auth.mtls]
+            client_ca = "ca.pem"
+            [[auth.mtls.identities]]
+            san = "spiffe://example.org/agent/deployer"
+            principal = "deployer"
+            kind = "agent"
+            "#;
+        let path = Path::new("/etc/countersign/c.toml");
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        let err = resolve(Some((path, file)), Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("auth.mtls: client certificates"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("[tls]"), "{err}");
+
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        let overrides = Overrides {
+            tls_cert: Some("server.pem".into()),
+            tls_key: Some("server-key.pem".into()),
+            ..Default::default()
+        };
+        let config = resolve(Some((path, file)), overrides).unwrap();
+        assert_eq!(config.auth.methods(), vec!["mtls"]);
+        let AuthSettings::Credentials { mtls, base_dir, .. } = &config.auth else {
+            panic!("expected credentials, got {:?}", config.auth);
+        };
+        assert_eq!(mtls.as_ref().unwrap().client_ca, PathBuf::from("ca.pem"));
+        assert_eq!(base_dir, Path::new("/etc/countersign"));
     }
 
     #[test]
@@ -473,27 +633,53 @@ mod tests {
     }
 
     #[test]
-    fn the_example_config_parses_with_and_without_its_auth_section_commented_out() {
+    fn the_example_config_parses_with_and_without_its_tls_and_auth_sections_commented_out() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         let file: ConfigFile = toml::from_str(&text).unwrap();
         let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
         assert_eq!(config.auth, AuthSettings::Development);
+        assert_eq!(config.tls, None);
         assert_eq!(config.roles, RolesConfig::default());
 
-        // Uncomment the [auth] block one level: "# x" becomes "x", "# # x" stays a comment.
-        let start = text.find("# [auth.jwt]").unwrap();
-        let uncommented: String = text[start..]
-            .lines()
-            .map(|line| {
-                line.strip_prefix("# ")
-                    .unwrap_or(line.trim_start_matches('#'))
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        let text = format!("{}{uncommented}\n", &text[..start]);
+        // Uncomment the [tls] block (up to the blank line after it) and the [auth] block
+        // (to the end) one level: "# x" becomes "x", "# # x" stays a comment.
+        let uncomment = |block: &str| -> String {
+            block
+                .lines()
+                .map(|line| {
+                    line.strip_prefix("# ")
+                        .unwrap_or(line.trim_start_matches('#'))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let tls = text.find("# [tls]").unwrap();
+        let tls_end = tls + text[tls..].find("\n\n").unwrap();
+        let auth = text.find("# [auth.jwt]").unwrap();
+        assert!(tls_end < auth);
+        let text = format!(
+            "{}{}{}{}\n",
+            &text[..tls],
+            uncomment(&text[tls..tls_end]),
+            &text[tls_end..auth],
+            uncomment(&text[auth..])
+        );
         let file: ConfigFile = toml::from_str(&text).unwrap();
         let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
-        assert_eq!(config.auth.methods(), vec!["jwt", "tokens"]);
+        assert_eq!(config.auth.methods(), vec!["jwt", "tokens", "mtls"]);
+        let tls = config.tls.expect("tls");
+        assert_eq!(
+            tls.cert,
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/server.pem")
+        );
+        let AuthSettings::Credentials {
+            mtls: Some(mtls), ..
+        } = &config.auth
+        else {
+            panic!("mtls expected: {:?}", config.auth);
+        };
+        let authenticator = crate::auth::MtlsAuthenticator::from_config(mtls);
+        assert!(authenticator.is_ok(), "{authenticator:?}");
     }
 }

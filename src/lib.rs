@@ -11,6 +11,7 @@ pub mod policy;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod workflow;
 
 /// Code generated from `proto/countersign/v1`.

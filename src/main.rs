@@ -11,6 +11,7 @@ use countersign::cli::{self, ReviewArgs};
 use countersign::config::{self, ConfigFile, Overrides};
 use countersign::server;
 use countersign::telemetry::{self, LogFormat};
+use countersign::tls::trial;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,41 @@ enum Command {
     /// Read a static API token from stdin and print the SHA-256 to put in
     /// `[[auth.tokens.tokens]] sha256` (generate one with `openssl rand -base64 32`).
     TokenHash,
+    /// FOR TRIALS ONLY: write a throwaway CA, a server certificate for localhost and two
+    /// client certificates, and print the [tls] and [auth.mtls] config that uses them.
+    TrialCerts(TrialCertsArgs),
+}
+
+#[derive(Args)]
+struct TrialCertsArgs {
+    /// Directory to write into (created if missing); existing files are never overwritten.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// SPIFFE trust domain of the client certificates' URI SANs.
+    #[arg(long, value_name = "DOMAIN", default_value = "example.org")]
+    spiffe_trust_domain: String,
+    /// The agent: spiffe://DOMAIN/agent/NAME, principal NAME.
+    #[arg(long, value_name = "NAME", default_value = "deployer")]
+    agent: String,
+    /// The agent's groups, comma separated.
+    #[arg(
+        long,
+        value_name = "GROUPS",
+        value_delimiter = ',',
+        default_value = "deployers"
+    )]
+    agent_groups: Vec<String>,
+    /// The human reviewer: spiffe://DOMAIN/human/NAME, principal NAME.
+    #[arg(long, value_name = "NAME", default_value = "alice")]
+    reviewer: String,
+    /// The reviewer's groups, comma separated (the shipped policies ask `security` for IAM).
+    #[arg(
+        long,
+        value_name = "GROUPS",
+        value_delimiter = ',',
+        default_value = "security"
+    )]
+    reviewer_groups: Vec<String>,
 }
 
 /// Shortest token `token-hash` accepts. Static tokens are stored as a plain SHA-256, which
@@ -43,8 +79,8 @@ const MAX_TOKEN_LINE_BYTES: u64 = 2 * MAX_CREDENTIAL_BYTES as u64;
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on. Only loopback addresses are allowed until TLS is available.
-    #[arg(long, env = "COUNTERSIGN_LISTEN", value_name = "ADDR", help = format!("Address to listen on [default: {}]", config::DEFAULT_LISTEN))]
+    /// Address to listen on. Beyond loopback only with TLS and authentication configured.
+    #[arg(long, env = "COUNTERSIGN_LISTEN", value_name = "ADDR", help = format!("Address to listen on; beyond loopback only with TLS and [auth] [default: {}]", config::DEFAULT_LISTEN))]
     listen: Option<SocketAddr>,
     /// Directory of the sled event log (created if missing).
     #[arg(long, env = "COUNTERSIGN_DATA_DIR", value_name = "DIR", help = format!("Directory of the sled event log, created if missing [default: {}]", config::DEFAULT_DATA_DIR))]
@@ -58,6 +94,12 @@ struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "COUNTERSIGN_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// The server's TLS certificate chain (PEM); replaces `[tls] cert`.
+    #[arg(long, env = "COUNTERSIGN_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The server's TLS private key (PEM); replaces `[tls] key`.
+    #[arg(long, env = "COUNTERSIGN_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// OTLP/gRPC endpoint to export the event log to as spans, e.g. http://127.0.0.1:4317.
     /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, when set, wins.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
@@ -73,6 +115,29 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Review(args) => cli::run(args),
         Command::TokenHash => token_hash(),
+        Command::TrialCerts(args) => trial_certs(args),
+    }
+}
+
+/// `countersign trial-certs`: the files, then the config snippet on stdout.
+fn trial_certs(args: TrialCertsArgs) -> ExitCode {
+    let options = trial::TrialOptions {
+        dir: args.dir,
+        trust_domain: args.spiffe_trust_domain,
+        agent: args.agent,
+        agent_groups: args.agent_groups,
+        reviewer: args.reviewer,
+        reviewer_groups: args.reviewer_groups,
+    };
+    match trial::write(&options) {
+        Ok(written) => {
+            for file in &written.files {
+                eprintln!("wrote {}", file.display());
+            }
+            print!("{}", written.config);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 
@@ -120,6 +185,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         policies: args.policies,
         log_format: args.log_format,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
         // The signal-specific variable wins over the general one, as the OTLP spec says.
         otlp_endpoint: std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .ok()

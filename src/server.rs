@@ -1,5 +1,10 @@
-//! Assembles and runs the gRPC server: listener, authentication, services, health,
+//! Assembles and runs the gRPC server: listener, TLS, authentication, services, health,
 //! reflection, and graceful shutdown.
+//!
+//! Secure by default: a listener beyond loopback needs TLS (`[tls]`) *and* an
+//! authentication method (`[auth]`); development identity, which trusts whatever a caller
+//! says, never leaves loopback, with or without TLS. [`start`] refuses anything else
+//! before touching the disk, in one line naming what is missing.
 //!
 //! [`start`] returns once the server is listening, with a [`RunningServer`] that owns the
 //! serving task. [`RunningServer::stop`] stops accepting calls, lets in-flight calls
@@ -20,7 +25,7 @@ use tower::Layer as _;
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
 use crate::auth::{
     AuthConfigError, Authenticator, CredentialChain, DevelopmentIdentity, GuardLayer,
-    JwtAuthenticator, Roles, StaticTokenAuthenticator, start_denial_recorder,
+    JwtAuthenticator, MtlsAuthenticator, Roles, StaticTokenAuthenticator, start_denial_recorder,
 };
 use crate::config::{AuthSettings, ServerConfig};
 use crate::ledger::{Ledger, LedgerError, ReplayReport};
@@ -33,22 +38,20 @@ use crate::proto::review_service_server::ReviewServiceServer;
 use crate::telemetry::export::ExportProgress;
 use crate::telemetry::http::StatusFn;
 use crate::telemetry::metrics::{Metrics, Sources};
+use crate::tls::{self, TlsError};
 
 /// How long `stop` waits for the last holders of the ledger (in-flight calls) to let go.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error(
-        "refusing to listen on {0}: development identity mode trusts any caller, so it is only allowed on a loopback address (127.0.0.1 or [::1]); configure authentication and TLS to listen elsewhere"
-    )]
-    InsecureListen(SocketAddr),
-    #[error(
-        "refusing to listen on {0}: credentials would cross the network in the clear, and TLS is not available yet; listen on a loopback address (127.0.0.1 or [::1]) or put countersign behind a TLS-terminating proxy on the same host"
-    )]
-    TlsRequired(SocketAddr),
+    /// A listener beyond loopback without what makes it safe; see [`Insecure`].
+    #[error("refusing to listen on {addr}: {missing}")]
+    InsecureListen { addr: SocketAddr, missing: Insecure },
     #[error("authentication config: {0}")]
     Auth(#[from] AuthConfigError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     #[error("invalid policies: {0}")]
     Policy(#[from] PolicyError),
     #[error("{0}")]
@@ -70,6 +73,40 @@ pub enum ServeError {
     InsecureMetricsListen(SocketAddr),
     #[error("the ledger was still in use {0:?} after shutdown")]
     LedgerNotReleased(Duration),
+}
+
+/// Why a non-loopback listener is refused: what is missing, and what to configure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Insecure {
+    #[error(
+        "development identity mode trusts whatever callers say and there is no TLS; configure [auth] and [tls], or listen on a loopback address (127.0.0.1 or [::1])"
+    )]
+    DevelopmentWithoutTls,
+    #[error(
+        "development identity mode trusts whatever callers say, so it stays on a loopback address (127.0.0.1 or [::1]) even with TLS; configure [auth] to listen elsewhere"
+    )]
+    Development,
+    #[error(
+        "without TLS, credentials would cross the network in the clear; configure [tls] (cert and key), or listen on a loopback address (127.0.0.1 or [::1])"
+    )]
+    NoTls,
+}
+
+/// Loopback listens as configured; anything else needs TLS and authentication.
+pub fn check_listen(config: &ServerConfig) -> Result<(), ServeError> {
+    if config.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    let missing = match (&config.auth, config.tls.is_some()) {
+        (AuthSettings::Credentials { .. }, true) => return Ok(()),
+        (AuthSettings::Credentials { .. }, false) => Insecure::NoTls,
+        (AuthSettings::Development, true) => Insecure::Development,
+        (AuthSettings::Development, false) => Insecure::DevelopmentWithoutTls,
+    };
+    Err(ServeError::InsecureListen {
+        addr: config.listen,
+        missing,
+    })
 }
 
 /// A server that is accepting calls.
@@ -133,14 +170,24 @@ impl RunningServer {
 }
 
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
-    if !config.listen.ip().is_loopback() {
-        return Err(match config.auth {
-            AuthSettings::Development => ServeError::InsecureListen(config.listen),
-            AuthSettings::Credentials { .. } => ServeError::TlsRequired(config.listen),
-        });
-    }
+    check_listen(&config)?;
     // Before anything else touches the disk: a bad key file is the likeliest start-up error.
     let authenticator = authenticator(&config.auth)?;
+    let client_ca = tls::client_ca(&config.auth);
+    let tls = match &config.tls {
+        Some(settings) => Some(tls::server_config(
+            &settings.cert,
+            &settings.key,
+            client_ca.as_ref(),
+        )?),
+        None if client_ca.is_some() => {
+            return Err(AuthConfigError::Invalid(
+                "auth.mtls: client certificates are checked during the TLS handshake: configure [tls]".into(),
+            )
+            .into());
+        }
+        None => None,
+    };
     let roles = Arc::new(
         Roles::new(config.roles.clone())
             .map_err(|problem| ServeError::Auth(AuthConfigError::Invalid(problem)))?,
@@ -173,6 +220,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
             methods = %auth.methods().join(","),
             "authentication on; x-countersign-* identity headers are ignored"
         ),
+    }
+    match (&config.tls, &tls) {
+        (Some(settings), Some((_, client_certificates))) => tracing::info!(
+            cert = %settings.cert.display(),
+            client_certificates = client_certificates.as_str(),
+            "TLS on"
+        ),
+        _ => tracing::info!("TLS off: plaintext HTTP/2 on a loopback address"),
     }
 
     let listener = TcpListener::bind(config.listen)
@@ -249,7 +304,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         PolicyServiceServer::new(PolicyApi::new(core.clone())).max_decoding_message_size(max);
     drop(core);
 
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some((tls_config, _)) = tls {
+        builder = builder
+            .tls_config(tls_config)
+            .map_err(|e| TlsError::Rejected(error_chain(&e)))?;
+    }
+    let router = builder
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -264,7 +325,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     // Our own listener (bound early, for port 0), so tonic's `tcp_nodelay` does not reach
     // its sockets: set it here. Without it, Nagle's algorithm and delayed ACKs add ~40 ms
-    // to small replies, such as a waiter's wake-up.
+    // to small replies, such as a waiter's wake-up. tonic runs the TLS handshake on every
+    // connection this stream yields (`tls_config` applies to custom incoming streams too;
+    // tests/tls.rs checks that a plaintext client gets nowhere).
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
@@ -396,13 +459,15 @@ fn status_document(
 }
 
 /// The one authenticator of this server: development identity without an `[auth]`
-/// section, otherwise the credential chain (key files are read here, once).
+/// section, otherwise the credential chain (key files are read here, once; the client CA
+/// bundle by `tls::server_config`).
 fn authenticator(settings: &AuthSettings) -> Result<Arc<dyn Authenticator>, ServeError> {
     match settings {
         AuthSettings::Development => Ok(Arc::new(DevelopmentIdentity)),
         AuthSettings::Credentials {
             jwt,
             tokens,
+            mtls,
             base_dir,
         } => {
             let jwt = jwt
@@ -413,11 +478,28 @@ fn authenticator(settings: &AuthSettings) -> Result<Arc<dyn Authenticator>, Serv
                 .as_ref()
                 .map(StaticTokenAuthenticator::from_config)
                 .transpose()?;
+            let mtls = mtls
+                .as_ref()
+                .map(MtlsAuthenticator::from_config)
+                .transpose()?;
             // Debug output names issuers, key counts and token names, never keys or hashes.
-            tracing::debug!(?jwt, ?tokens, "credential authenticators loaded");
-            Ok(Arc::new(CredentialChain::new(jwt, tokens)?))
+            tracing::debug!(?jwt, ?tokens, ?mtls, "credential authenticators loaded");
+            Ok(Arc::new(CredentialChain::new(jwt, tokens, mtls)?))
         }
     }
+}
+
+/// An error and its causes on one line: tonic's own message ("transport error") does not
+/// say what rustls refused.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Reflection describes every service the server offers, so grpcurl and buf need no files.

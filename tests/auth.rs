@@ -114,6 +114,7 @@ async fn server(issuer: &Issuer) -> (TestServer, TempDir) {
     let auth = AuthSettings::Credentials {
         jwt: Some(Box::new(jwt)),
         tokens: Some(tokens),
+        mtls: None,
         base_dir: dir.path().to_path_buf(),
     };
     let mut server = TestServer {
@@ -123,6 +124,7 @@ async fn server(issuer: &Issuer) -> (TestServer, TempDir) {
         // Agents in `orchestrators` may name the human they act for.
         tweak: |config| config.roles.on_behalf_of_asserters = vec!["orchestrators".into()],
         auth,
+        tls: None,
     };
     server.restart().await;
     (server, dir)
@@ -474,6 +476,7 @@ async fn with_credentials_a_non_loopback_address_is_refused_because_tls_is_missi
     config.auth = AuthSettings::Credentials {
         jwt: Some(Box::new(jwt)),
         tokens: None,
+        mtls: None,
         base_dir: dir.path().to_path_buf(),
     };
     let err = countersign::server::start(config)

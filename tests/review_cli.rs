@@ -40,6 +40,11 @@ fn countersign_bare(args: &[&str]) -> Command {
         .env_remove("COUNTERSIGN_SERVER")
         .env_remove("COUNTERSIGN_PRINCIPAL")
         .env_remove("COUNTERSIGN_GROUPS")
+        .env_remove("COUNTERSIGN_TOKEN")
+        .env_remove("COUNTERSIGN_TOKEN_FILE")
+        .env_remove("COUNTERSIGN_CA_CERT")
+        .env_remove("COUNTERSIGN_CLIENT_CERT")
+        .env_remove("COUNTERSIGN_CLIENT_KEY")
         .env_remove("NO_COLOR")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());

@@ -1,28 +1,41 @@
 //! The credential authenticators together: one request, one credential, one verdict.
 //!
-//! A bearer credential shaped like a JWT goes to the JWT verifier (when configured); any
-//! other credential, and everything in `x-countersign-token`, to the static tokens. There
-//! is no fallback from one method to the other on failure, so an error always comes from
-//! the method the credential was meant for. No credential: `Missing`; a bad one: `Invalid`
-//! with a short reason that never quotes the credential.
+//! Which credential authenticates a request:
+//!
+//! 1. A request carrying `authorization: Bearer …` or `x-countersign-token` is
+//!    authenticated by that credential, and only by it. A bearer credential shaped like a
+//!    JWT goes to the JWT verifier (when configured); any other credential, and everything
+//!    in `x-countersign-token`, to the static tokens. A client certificate on the same
+//!    connection then only authenticates the transport: it does not name the caller.
+//! 2. A request without such a credential is authenticated by its verified client
+//!    certificate (mTLS, when configured).
+//! 3. Neither: `Missing`.
+//!
+//! There is no fallback from one method to another on failure, so an error always comes
+//! from the method the credential was meant for: a bad token is refused even if the client
+//! certificate would have been accepted. A bad credential is `Invalid` with a short reason
+//! that never quotes the credential.
 //!
 //! The development `x-countersign-*` identity headers are never read here: with real
 //! authentication on, a client naming itself in metadata changes nothing.
 
+use rustls::pki_types::CertificateDer;
 use tonic::Request;
 
 use super::context::AuthContext;
 use super::credentials::{self, AuthConfigError, Source, looks_like_jwt};
 use super::jwt::JwtAuthenticator;
+use super::mtls::MtlsAuthenticator;
 use super::token::StaticTokenAuthenticator;
 use super::{AuthError, Authenticator};
 use crate::domain::Principal;
 
-/// JWTs and/or static tokens; see the module documentation.
+/// JWTs, static tokens and/or client certificates; see the module documentation.
 #[derive(Debug)]
 pub struct CredentialChain {
     jwt: Option<JwtAuthenticator>,
     tokens: Option<StaticTokenAuthenticator>,
+    mtls: Option<MtlsAuthenticator>,
 }
 
 impl CredentialChain {
@@ -31,35 +44,65 @@ impl CredentialChain {
     pub fn new(
         jwt: Option<JwtAuthenticator>,
         tokens: Option<StaticTokenAuthenticator>,
+        mtls: Option<MtlsAuthenticator>,
     ) -> Result<Self, AuthConfigError> {
-        if jwt.is_none() && tokens.is_none() {
+        if jwt.is_none() && tokens.is_none() && mtls.is_none() {
             return Err(AuthConfigError::Invalid(
-                "auth: configure at least one authentication method (jwt or tokens)".into(),
+                "auth: configure at least one authentication method (jwt, tokens or mtls)".into(),
             ));
         }
-        Ok(CredentialChain { jwt, tokens })
+        Ok(CredentialChain { jwt, tokens, mtls })
     }
 
     /// The principal and, for a JWT naming one, the human the agent acts for.
-    fn context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
-        let (source, credential) = credentials::required_credential(request.metadata())?;
+    /// `peer_certs`: the verified client certificate chain of the connection, if any.
+    fn context(
+        &self,
+        request: &Request<()>,
+        peer_certs: Option<&[CertificateDer<'_>]>,
+    ) -> Result<AuthContext, AuthError> {
+        let Some((source, credential)) = credentials::credential(request.metadata())? else {
+            return match &self.mtls {
+                Some(mtls) if peer_certs.is_some_and(|c| !c.is_empty()) => {
+                    mtls.verify(peer_certs).map(AuthContext::from)
+                }
+                _ => Err(self.missing()),
+            };
+        };
         match (source, &self.jwt, &self.tokens) {
             (Source::Bearer, Some(jwt), _) if looks_like_jwt(credential) => jwt.verify(credential),
             (_, _, Some(tokens)) => tokens.verify(credential).map(AuthContext::from),
-            (_, _, None) => Err(AuthError::Invalid(
+            (_, Some(_), None) => Err(AuthError::Invalid(
                 "not a JWT, and static tokens are not configured".into(),
             )),
+            (_, None, None) => Err(AuthError::Invalid(
+                "only client certificates are configured: send no token".into(),
+            )),
         }
+    }
+
+    /// What to send, naming only the configured methods.
+    fn missing(&self) -> AuthError {
+        let bearer = self.jwt.is_some() || self.tokens.is_some();
+        AuthError::Missing(match (&self.mtls, bearer) {
+            (Some(_), true) => format!(
+                "present a client certificate, or {}",
+                credentials::send_a_credential()
+            ),
+            (Some(_), false) => "present a client certificate signed by the configured CA".into(),
+            (None, _) => credentials::send_a_credential(),
+        })
     }
 }
 
 impl Authenticator for CredentialChain {
     fn authenticate(&self, request: &Request<()>) -> Result<Principal, AuthError> {
-        self.context(request).map(|c| c.principal)
+        self.authenticate_context(request).map(|c| c.principal)
     }
 
     fn authenticate_context(&self, request: &Request<()>) -> Result<AuthContext, AuthError> {
-        self.context(request)
+        let peer_certs = request.peer_certs();
+        self.context(request, peer_certs.as_deref().map(Vec::as_slice))
     }
 }
 
@@ -95,7 +138,7 @@ mod tests {
     }
 
     fn chain(issuer: &Issuer) -> CredentialChain {
-        CredentialChain::new(Some(issuer.authenticator()), Some(tokens())).unwrap()
+        CredentialChain::new(Some(issuer.authenticator()), Some(tokens()), None).unwrap()
     }
 
     #[test]
@@ -184,12 +227,12 @@ mod tests {
     #[test]
     fn without_static_tokens_a_non_jwt_is_refused_and_an_empty_chain_is_a_config_error() {
         let issuer = Issuer::ed25519();
-        let chain = CredentialChain::new(Some(issuer.authenticator()), None).unwrap();
+        let chain = CredentialChain::new(Some(issuer.authenticator()), None, None).unwrap();
         let err = chain
             .authenticate(&request(&[("authorization", &format!("Bearer {TOKEN}"))]))
             .unwrap_err();
         assert!(matches!(err, AuthError::Invalid(_)), "{err}");
-        assert!(CredentialChain::new(None, None).is_err());
+        assert!(CredentialChain::new(None, None, None).is_err());
     }
 
     #[test]
@@ -206,5 +249,70 @@ mod tests {
             context.acting_for.map(|a| a.human),
             Some("alice@example.com".into())
         );
+    }
+
+    fn mtls() -> MtlsAuthenticator {
+        MtlsAuthenticator::from_config(&crate::auth::mtls::tests::config()).unwrap()
+    }
+
+    fn deployer_certificate() -> Vec<CertificateDer<'static>> {
+        vec![crate::auth::mtls::tests::certificate(&[
+            "URI:spiffe://example.org/agent/deployer",
+        ])]
+    }
+
+    #[test]
+    fn without_a_credential_the_client_certificate_names_the_caller_and_headers_change_nothing() {
+        let chain = CredentialChain::new(None, Some(tokens()), Some(mtls())).unwrap();
+        let certs = deployer_certificate();
+        let forged = request(&[
+            (PRINCIPAL_HEADER, "alice@example.com"),
+            (KIND_HEADER, "human"),
+            (GROUPS_HEADER, "security"),
+        ]);
+        let context = chain.context(&forged, Some(&certs)).unwrap();
+        assert_eq!(context.principal.id, "deployer");
+        assert_eq!(context.principal.kind, PrincipalKind::Agent);
+        assert_eq!(
+            context.principal.authenticated_by,
+            "mtls:spiffe://example.org/agent/deployer"
+        );
+    }
+
+    #[test]
+    fn a_credential_beats_the_client_certificate_and_a_bad_one_never_falls_back_to_it() {
+        let chain = CredentialChain::new(None, Some(tokens()), Some(mtls())).unwrap();
+        let certs = deployer_certificate();
+        let with_token = request(&[("authorization", &format!("Bearer {TOKEN}"))]);
+        let p = chain.context(&with_token, Some(&certs)).unwrap().principal;
+        assert_eq!(p.id, "pipeline");
+        assert_eq!(p.authenticated_by, "token:ci");
+        let bad_token = request(&[("x-countersign-token", "not-a-configured-token")]);
+        let err = chain.context(&bad_token, Some(&certs)).unwrap_err();
+        assert_eq!(err, AuthError::Invalid("unknown token".into()));
+    }
+
+    #[test]
+    fn with_only_client_certificates_a_token_is_refused_and_no_certificate_is_missing() {
+        let chain = CredentialChain::new(None, None, Some(mtls())).unwrap();
+        let certs = deployer_certificate();
+        let err = chain
+            .context(
+                &request(&[("authorization", &format!("Bearer {TOKEN}"))]),
+                Some(&certs),
+            )
+            .unwrap_err();
+        assert!(matches!(err, AuthError::Invalid(_)), "{err}");
+        assert!(!err.to_string().contains(TOKEN), "{err}");
+        let err = chain.context(&request(&[]), None).unwrap_err();
+        assert_eq!(
+            err,
+            AuthError::Missing("present a client certificate signed by the configured CA".into())
+        );
+        let both = CredentialChain::new(None, Some(tokens()), Some(mtls())).unwrap();
+        let err = both.context(&request(&[]), Some(&[])).unwrap_err();
+        assert!(matches!(err, AuthError::Missing(_)), "{err}");
+        assert!(err.to_string().contains("client certificate"), "{err}");
+        assert!(err.to_string().contains("Bearer"), "{err}");
     }
 }

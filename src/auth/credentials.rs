@@ -100,11 +100,12 @@ pub(crate) fn credential(metadata: &MetadataMap) -> Result<Option<(Source, &str)
 
 /// The credential, or `Missing` naming the headers to send.
 pub(crate) fn required_credential(metadata: &MetadataMap) -> Result<(Source, &str), AuthError> {
-    credential(metadata)?.ok_or_else(|| {
-        AuthError::Missing(format!(
-            "send `{AUTHORIZATION_HEADER}: Bearer <token>` (or {TOKEN_HEADER} for a static token)"
-        ))
-    })
+    credential(metadata)?.ok_or_else(|| AuthError::Missing(send_a_credential()))
+}
+
+/// What a caller without a credential is told to send.
+pub(crate) fn send_a_credential() -> String {
+    format!("send `{AUTHORIZATION_HEADER}: Bearer <token>` (or {TOKEN_HEADER} for a static token)")
 }
 
 fn single<'m>(metadata: &'m MetadataMap, name: &str) -> Result<Option<&'m str>, AuthError> {

@@ -13,6 +13,7 @@ pub mod denials;
 mod development;
 pub mod guard;
 pub mod jwt;
+pub mod mtls;
 pub mod roles;
 pub mod token;
 
@@ -27,6 +28,7 @@ pub use development::{
 };
 pub use guard::{Guard, GuardLayer, Refuser};
 pub use jwt::{JwtAuthenticator, JwtConfig, PublicKeyFile};
+pub use mtls::{IdentityEntry, MtlsAuthenticator, MtlsConfig};
 pub use roles::{Grants, Roles, RolesConfig};
 pub use token::{StaticTokenAuthenticator, TokenConfig, TokenEntry, token_hash};
 

@@ -19,6 +19,7 @@ mod watch;
 
 use std::fmt;
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,19 +54,24 @@ pub enum ReviewCommand {
 }
 
 /// Where the server is, who the reviewer is, and how to print. Shared by every command.
+///
+/// Who you are: a credential (`--token-file` or `COUNTERSIGN_TOKEN`, or `--client-cert`
+/// with `--client-key`), or else `--as` in development identity mode. With a credential,
+/// `--as` and `--groups` are not sent: the server takes your identity from the credential.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// countersign server to talk to.
+    /// countersign server to talk to (https:// for TLS).
     #[arg(long, env = "COUNTERSIGN_SERVER", value_name = "URL", default_value = DEFAULT_SERVER)]
     pub server: String,
-    /// Who you are (development identity mode: the server trusts this on loopback only).
+    /// Who you are, in development identity mode (the server trusts this on loopback only).
+    /// Not sent with a credential.
     #[arg(
         long = "as",
         env = "COUNTERSIGN_PRINCIPAL",
         value_name = "PRINCIPAL",
         value_parser = NonEmptyStringValueParser::new()
     )]
-    pub principal: String,
+    pub principal: Option<String>,
     /// Your groups, comma separated, e.g. `security,sre` (development identity mode).
     #[arg(
         long,
@@ -74,6 +80,19 @@ pub struct CommonArgs {
         value_delimiter = ','
     )]
     pub groups: Vec<String>,
+    /// A file holding your bearer token (a JWT or a static API token), sent as
+    /// `authorization: Bearer`. Or put the token itself in COUNTERSIGN_TOKEN.
+    #[arg(long, env = "COUNTERSIGN_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate(s), PEM, that signed the server's certificate; needed for https://.
+    #[arg(long, env = "COUNTERSIGN_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Your client certificate, PEM (mTLS); needs --client-key and https://.
+    #[arg(long, env = "COUNTERSIGN_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert, PEM.
+    #[arg(long, env = "COUNTERSIGN_CLIENT_KEY", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
     /// Print JSON for scripts: one object per line, no decoration.
     #[arg(long)]
     pub json: bool,
@@ -238,7 +257,17 @@ impl fmt::Display for CliError {
         match self {
             CliError::Status(status) => {
                 let code = code_words(status.code());
-                let message = one_line(status.message());
+                let mut message = one_line(status.message());
+                // A failure on our side of the connection (e.g. the server's TLS alert
+                // after the handshake) says "transport error"; the cause is in the source.
+                let mut cause = std::error::Error::source(status);
+                while let Some(error) = cause {
+                    let text = one_line(&error.to_string());
+                    if !message.contains(&text) {
+                        message = format!("{message}: {text}");
+                    }
+                    cause = error.source();
+                }
                 if message.is_empty() {
                     write!(f, "{code}")
                 } else {

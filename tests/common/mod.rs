@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use countersign::config::{AuthSettings, ServerConfig};
+use countersign::config::{AuthSettings, ServerConfig, TlsSettings};
 use countersign::proto;
 use countersign::proto::action_gate_client::ActionGateClient;
 use countersign::proto::audit_service_client::AuditServiceClient;
@@ -35,6 +35,8 @@ pub struct TestServer {
     pub tweak: fn(&mut ServerConfig),
     /// How callers authenticate; development identity unless started with `start_with_auth`.
     pub auth: AuthSettings,
+    /// The server's certificate and key; plaintext unless started with `try_start_secured`.
+    pub tls: Option<TlsSettings>,
 }
 
 impl TestServer {
@@ -54,6 +56,7 @@ impl TestServer {
             running: None,
             tweak,
             auth: AuthSettings::Development,
+            tls: None,
         };
         server.restart().await;
         server
@@ -62,12 +65,21 @@ impl TestServer {
     /// The shipped policies behind the given authentication (e.g. JWTs and static tokens).
     /// Returns the server, or the reason it refused to start.
     pub async fn try_start_with_auth(auth: AuthSettings) -> Result<TestServer, server::ServeError> {
+        Self::try_start_secured(auth, None).await
+    }
+
+    /// The shipped policies behind the given authentication and TLS.
+    pub async fn try_start_secured(
+        auth: AuthSettings,
+        tls: Option<TlsSettings>,
+    ) -> Result<TestServer, server::ServeError> {
         let mut server = TestServer {
             data: tempfile::tempdir().expect("temp dir"),
             policies: shipped_policies(),
             running: None,
             tweak: |_| {},
             auth,
+            tls,
         };
         server.running = Some(server::start(server.config()).await?);
         Ok(server)
@@ -77,6 +89,7 @@ impl TestServer {
         let mut config = ServerConfig::new(self.data.path().join("log"), &self.policies);
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.auth = self.auth.clone();
+        config.tls = self.tls.clone();
         (self.tweak)(&mut config);
         config
     }
