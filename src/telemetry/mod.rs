@@ -30,11 +30,11 @@ pub enum LogFormat {
 /// The tracing target of the per-RPC spans; only the OpenTelemetry layer listens to it.
 pub const RPC_TARGET: &str = "countersign::rpc";
 
-/// Set once the OpenTelemetry layer is installed: only then does the edge build a span per
-/// RPC, so a server without an endpoint pays nothing for it.
+/// Set once the OpenTelemetry layer is installed: only then does the edge read the caller's
+/// trace context for the RPC span.
 static RPC_TRACING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether each RPC gets a span exported through OpenTelemetry.
+/// Whether RPC spans are exported through OpenTelemetry.
 pub fn rpc_tracing() -> bool {
     RPC_TRACING.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -63,7 +63,7 @@ pub fn init_logging(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::
             .with_tracer(tracer)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
-                    .with_target(RPC_TARGET, tracing::Level::INFO)
+                    .with_target(RPC_TARGET, tracing::Level::DEBUG)
                     .with_target("countersign", tracing::Level::INFO),
             )
     });
