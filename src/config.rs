@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{JwtConfig, MtlsConfig, RolesConfig, TokenConfig};
+use crate::notify::config::{NotifySettings, SlackSection, TeamsSection, WebhookSection};
 use crate::telemetry::LogFormat;
 use crate::telemetry::export::ExportSettings;
 use crate::workflow::DecisionTimes;
@@ -51,6 +52,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `None`: plaintext HTTP/2, loopback only.
     pub tls: Option<TlsSettings>,
+    /// Slack, Teams and webhooks; none by default.
+    pub notify: NotifySettings,
 }
 
 /// The server's certificate and key: PEM files, paths already resolved (file paths against
@@ -118,6 +121,7 @@ impl ServerConfig {
             roles: RolesConfig::default(),
             otlp: None,
             metrics_listen: None,
+            notify: NotifySettings::default(),
         }
     }
 }
@@ -169,6 +173,13 @@ pub struct ConfigFile {
     pub roles: Option<RolesConfig>,
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// Pending actions posted to Slack, and reviews from it.
+    pub slack: Option<SlackSection>,
+    /// Pending actions posted to a Teams incoming webhook.
+    pub teams: Option<TeamsSection>,
+    /// Signed JSON events for pending and resolved actions.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSection>,
 }
 
 /// `[telemetry]`: OpenTelemetry export. The standard `OTEL_*` variables override it.
@@ -374,6 +385,17 @@ pub fn resolve(
                 base_dir: config_dir(path),
             };
         }
+        config.notify = crate::notify::config::resolve(
+            file.slack,
+            file.teams,
+            file.webhooks,
+            &config_dir(path),
+        )
+        .map_err(|problem| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: "notifications",
+            problem,
+        })?;
         if let Some(tls) = file.tls {
             tls_cert = Some(config_dir(path).join(tls.cert));
             tls_key = Some(config_dir(path).join(tls.key));
