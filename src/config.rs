@@ -655,6 +655,34 @@ mod tests {
     }
 
     #[test]
+    fn the_example_notification_blocks_parse_once_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = text.find("# [slack]").unwrap();
+        let end = start + text[start..].find("\n\n").unwrap();
+        let block: String = text[start..end]
+            .lines()
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .unwrap_or(line.trim_start_matches('#'))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: ConfigFile = toml::from_str(&block).unwrap();
+        let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
+        let slack = config.notify.slack.expect("slack");
+        assert_eq!(slack.users[0].principal, "bob");
+        assert_eq!(slack.routes[0].channel, "C0123SECURITY");
+        assert!(slack.signing_secret.is_some());
+        assert!(config.notify.teams.is_some());
+        assert_eq!(config.notify.webhooks[0].name, "siem");
+        // And the example as shipped has no channel configured.
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
+        assert!(config.notify.is_empty());
+    }
+
+    #[test]
     fn the_example_config_parses_with_and_without_its_tls_and_auth_sections_commented_out() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
         let text = std::fs::read_to_string(&path).unwrap();

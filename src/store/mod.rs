@@ -22,6 +22,11 @@
 //! Tree `meta`, key `head`: `sequence (8 bytes big-endian) || hash (32 bytes)` of the last event.
 //! It is absent while the log is empty and is written in the same sled transaction as the events.
 //!
+//! Trees `cursors` (reader name → last sequence it is done with, 8 bytes big-endian) and
+//! `reader_notes` (reader name, NUL, key → a small value, e.g. where the Slack deliverer
+//! posted an action's message) hold readers' working state. They are outside the chain:
+//! changing them never touches the evidence, and verification ignores them.
+//!
 //! A test can tamper with a stopped server's data directory through sled itself (once the server
 //! process has exited, which releases sled's lock): `sled::open(dir)?.open_tree("events")?`, get
 //! key `sequence.to_be_bytes()`, change byte `32 + offset_in_body` (or a byte below 32 to change
