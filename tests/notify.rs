@@ -176,6 +176,8 @@ fn config(data: &TempDir, at: &Endpoints) -> ServerConfig {
                 user("U-BOB", "bob", &["sre"]),
                 user("U-ALICE", "alice", &["sre"]),
                 user("U-FIN", "frank", &["finance"]),
+                // The requester's own id, as a careless mapping might give it.
+                user("U-BOT-OWNER", "deploy-bot", &["sre"]),
             ],
             interactivity_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             team_id: Some(TEAM.into()),
@@ -727,6 +729,34 @@ async fn the_human_the_agent_acts_for_cannot_approve_from_slack() {
 }
 
 #[tokio::test]
+async fn the_requester_cannot_approve_its_own_action_from_slack() {
+    let harness = Harness::start().await;
+    let checked = harness.pending_deploy().await;
+    let id = checked.action_id.clone();
+    let value = format!("{id}|{}", checked.action_digest);
+    harness
+        .interact_now(&click("U-BOT-OWNER", "countersign_approve", &value))
+        .await;
+    let slack = harness
+        .slack
+        .wait_for("the reason modal", |r| {
+            r.iter().any(|r| r.path.ends_with("/views.open"))
+        })
+        .await;
+    let metadata = modal_metadata(&slack, "U-BOT-OWNER");
+    let (_, answer) = harness
+        .interact_now(&submission("U-BOT-OWNER", &metadata, "ship it"))
+        .await;
+    assert!(
+        answer.contains("requested this action and cannot review it"),
+        "{answer}"
+    );
+    let action = harness.action(&id).await;
+    assert_eq!(action.status(), ActionStatus::Pending);
+    assert!(action.votes.is_empty());
+}
+
+#[tokio::test]
 async fn a_mapped_user_outside_the_policys_reviewer_groups_is_refused() {
     let harness = Harness::start().await;
     let checked = harness.pending_deploy().await;
@@ -818,4 +848,82 @@ async fn slack_interactivity_beyond_loopback_needs_tls() {
         !data.path().join("log").exists(),
         "refused before touching the disk"
     );
+}
+
+#[tokio::test]
+async fn with_tls_slack_interactivity_is_served_over_https_with_the_servers_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+
+    // A throwaway CA and a server certificate for 127.0.0.1, as [tls] would name them.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "notify test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+    let server_cert = params.signed_by(&server_key, &issuer).unwrap();
+
+    let (slack, addr) = StandIn::start().await;
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("server.pem"), server_cert.pem()).unwrap();
+    std::fs::write(
+        data.path().join("server-key.pem"),
+        server_key.serialize_pem(),
+    )
+    .unwrap();
+    let mut config = config(
+        &data,
+        &Endpoints {
+            slack: addr,
+            teams: addr,
+            webhook: addr,
+        },
+    );
+    config.tls = Some(countersign::config::TlsSettings {
+        cert: data.path().join("server.pem"),
+        key: data.path().join("server-key.pem"),
+    });
+    let server = server::start(config).await.expect("server starts");
+    let interactivity = server.slack_interactivity_addr().unwrap();
+
+    let payload = click(
+        "U-BOB",
+        "countersign_approve",
+        &format!("{}|{}", uuid::Uuid::now_v7(), "0".repeat(64)),
+    );
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", &payload.to_string())
+        .finish();
+    let signed = |client: reqwest::Client, scheme: &str| {
+        client
+            .post(format!("{scheme}://{interactivity}/slack/interactivity"))
+            .header("x-slack-request-timestamp", now().to_string())
+            .header(
+                "x-slack-signature",
+                slack_signature(SIGNING_SECRET, now(), body.as_bytes()),
+            )
+            .body(body.clone())
+            .send()
+    };
+    countersign::tls::install_crypto_provider();
+    let trusting = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let response = signed(trusting, "https").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let received = slack
+        .wait_for("the modal", |r| {
+            r.iter().any(|r| r.path.ends_with("/views.open"))
+        })
+        .await;
+    assert!(received[0].json().to_string().contains("Unknown action"));
+    // Plaintext gets nowhere on the TLS listener.
+    assert!(signed(reqwest::Client::new(), "http").await.is_err());
+    server.stop().await.unwrap();
 }
