@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{JwtConfig, MtlsConfig, RolesConfig, TokenConfig};
+use crate::notify::config::{NotifySettings, SlackSection, TeamsSection, WebhookSection};
 use crate::telemetry::LogFormat;
 use crate::telemetry::export::ExportSettings;
 use crate::workflow::DecisionTimes;
@@ -51,6 +52,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `None`: plaintext HTTP/2, loopback only.
     pub tls: Option<TlsSettings>,
+    /// Slack, Teams and webhooks; none by default.
+    pub notify: NotifySettings,
 }
 
 /// The server's certificate and key: PEM files, paths already resolved (file paths against
@@ -118,6 +121,7 @@ impl ServerConfig {
             roles: RolesConfig::default(),
             otlp: None,
             metrics_listen: None,
+            notify: NotifySettings::default(),
         }
     }
 }
@@ -169,6 +173,13 @@ pub struct ConfigFile {
     pub roles: Option<RolesConfig>,
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// Pending actions posted to Slack, and reviews from it.
+    pub slack: Option<SlackSection>,
+    /// Pending actions posted to a Teams incoming webhook.
+    pub teams: Option<TeamsSection>,
+    /// Signed JSON events for pending and resolved actions.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSection>,
 }
 
 /// `[telemetry]`: OpenTelemetry export. The standard `OTEL_*` variables override it.
@@ -374,6 +385,17 @@ pub fn resolve(
                 base_dir: config_dir(path),
             };
         }
+        config.notify = crate::notify::config::resolve(
+            file.slack,
+            file.teams,
+            file.webhooks,
+            &config_dir(path),
+        )
+        .map_err(|problem| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: "notifications",
+            problem,
+        })?;
         if let Some(tls) = file.tls {
             tls_cert = Some(config_dir(path).join(tls.cert));
             tls_key = Some(config_dir(path).join(tls.key));
@@ -630,6 +652,34 @@ mod tests {
         let err = resolve(Some((Path::new("c.toml"), file)), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("roles.admins"), "{err}");
         assert!(toml::from_str::<ConfigFile>("[roles]\nauditor = [\"x\"]").is_err());
+    }
+
+    #[test]
+    fn the_example_notification_blocks_parse_once_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("countersign.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = text.find("# [slack]").unwrap();
+        let end = start + text[start..].find("\n\n").unwrap();
+        let block: String = text[start..end]
+            .lines()
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .unwrap_or(line.trim_start_matches('#'))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: ConfigFile = toml::from_str(&block).unwrap();
+        let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
+        let slack = config.notify.slack.expect("slack");
+        assert_eq!(slack.users[0].principal, "bob");
+        assert_eq!(slack.routes[0].channel, "C0123SECURITY");
+        assert!(slack.signing_secret.is_some());
+        assert!(config.notify.teams.is_some());
+        assert_eq!(config.notify.webhooks[0].name, "siem");
+        // And the example as shipped has no channel configured.
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let config = resolve(Some((&path, file)), Overrides::default()).unwrap();
+        assert!(config.notify.is_empty());
     }
 
     #[test]

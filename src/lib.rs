@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod ledger;
+pub mod notify;
 pub mod policy;
 pub mod server;
 pub mod store;

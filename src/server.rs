@@ -71,6 +71,8 @@ pub enum ServeError {
         "refusing to serve metrics on {0}: /metrics and /status are unauthenticated, so they listen on a loopback address only (127.0.0.1 or [::1]); push metrics with OTLP, or scrape through a local agent"
     )]
     InsecureMetricsListen(SocketAddr),
+    #[error("notifications: {0}")]
+    Notify(#[from] crate::notify::NotifyError),
     #[error("the ledger was still in use {0:?} after shutdown")]
     LedgerNotReleased(Duration),
 }
@@ -113,6 +115,7 @@ pub fn check_listen(config: &ServerConfig) -> Result<(), ServeError> {
 pub struct RunningServer {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    slack_interactivity_addr: Option<SocketAddr>,
     replay: ReplayReport,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
@@ -127,6 +130,11 @@ impl RunningServer {
     /// Where `/metrics` and `/status` are served, if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where Slack's interactivity requests are served, if they are.
+    pub fn slack_interactivity_addr(&self) -> Option<SocketAddr> {
+        self.slack_interactivity_addr
     }
 
     /// What start-up found in the event log.
@@ -173,6 +181,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     check_listen(&config)?;
     // Before anything else touches the disk: a bad key file is the likeliest start-up error.
     let authenticator = authenticator(&config.auth)?;
+    // Secrets and the interactivity listener are checked here too, before the disk.
+    let notify = crate::notify::prepare(&config.notify, config.tls.as_ref())?;
     let client_ca = tls::client_ca(&config.auth);
     let tls = match &config.tls {
         Some(settings) => Some(tls::server_config(
@@ -288,11 +298,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .build_v1alpha()
         .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
 
-    let telemetry = start_telemetry(&config, &core).await?;
-    let metrics_addr = telemetry.metrics_addr;
     // Refusals are recorded by a task of their own, which holds the ledger until the last
     // guard is dropped with the router, so a graceful stop records the final summaries.
     let (denials, _recorder) = start_denial_recorder(core.ledger.clone());
+    let notify = notify
+        .start(
+            &core.ledger,
+            roles.clone(),
+            denials.clone(),
+            core.stopping.clone(),
+        )
+        .await?;
+    let telemetry = start_telemetry(&config, &core, &notify).await?;
+    let metrics_addr = telemetry.metrics_addr;
     let guard = GuardLayer::new(authenticator, roles, denials);
     let max = config.max_message_bytes;
     let action_gate =
@@ -353,6 +371,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     Ok(RunningServer {
         local_addr,
         metrics_addr,
+        slack_interactivity_addr: notify.interactivity_addr,
         replay,
         shutdown: Some(shutdown),
         task,
@@ -369,7 +388,11 @@ struct Telemetry {
 /// Metrics (Prometheus on `metrics_listen`, OTLP when configured) and the span exporter.
 /// Every task started here ends when the server stops and holds the ledger at most weakly,
 /// except the span exporter, which lets go when stopping.
-async fn start_telemetry(config: &ServerConfig, core: &Arc<Core>) -> Result<Telemetry, ServeError> {
+async fn start_telemetry(
+    config: &ServerConfig,
+    core: &Arc<Core>,
+    notify: &crate::notify::Started,
+) -> Result<Telemetry, ServeError> {
     if let Some(addr) = config.metrics_listen
         && !addr.ip().is_loopback()
     {
@@ -406,8 +429,15 @@ async fn start_telemetry(config: &ServerConfig, core: &Arc<Core>) -> Result<Tele
             let policies = core.policies.clone();
             let sampled = metrics.clone();
             let exporting = export.clone();
+            let notifying = notify.progress.clone();
             let status: StatusFn = Arc::new(move || {
-                status_document(&ledger, &policies, &sampled, exporting.as_deref())
+                status_document(
+                    &ledger,
+                    &policies,
+                    &sampled,
+                    exporting.as_deref(),
+                    &notifying,
+                )
             });
             tokio::spawn(crate::telemetry::http::serve(
                 listener,
@@ -431,6 +461,7 @@ fn status_document(
     policies: &CurrentPolicies,
     metrics: &Metrics,
     export: Option<&ExportProgress>,
+    notify: &[(String, Arc<crate::notify::delivery::DeliveryProgress>)],
 ) -> serde_json::Value {
     let Some(ledger) = ledger.upgrade() else {
         return serde_json::json!({ "serving": false, "stopping": true });
@@ -455,6 +486,12 @@ fn status_document(
             "consecutive_failures": export.consecutive_failures(),
             "last_error": export.last_error(),
         })),
+        "notifications": notify.iter().map(|(channel, progress)| (channel.clone(), serde_json::json!({
+            "delivered_through": progress.delivered_through(),
+            "lag_events": ledger.actions().applied_sequence().saturating_sub(progress.delivered_through()),
+            "consecutive_failures": progress.consecutive_failures(),
+            "last_error": progress.last_error(),
+        }))).collect::<serde_json::Map<_, _>>(),
     })
 }
 

@@ -22,6 +22,11 @@
 //! Tree `meta`, key `head`: `sequence (8 bytes big-endian) || hash (32 bytes)` of the last event.
 //! It is absent while the log is empty and is written in the same sled transaction as the events.
 //!
+//! Trees `cursors` (reader name → last sequence it is done with, 8 bytes big-endian) and
+//! `reader_notes` (reader name, NUL, key → a small value, e.g. where the Slack deliverer
+//! posted an action's message) hold readers' working state. They are outside the chain:
+//! changing them never touches the evidence, and verification ignores them.
+//!
 //! A test can tamper with a stopped server's data directory through sled itself (once the server
 //! process has exited, which releases sled's lock): `sled::open(dir)?.open_tree("events")?`, get
 //! key `sequence.to_be_bytes()`, change byte `32 + offset_in_body` (or a byte below 32 to change
@@ -150,6 +155,9 @@ pub struct EventLog {
     /// Named positions in the log kept by its readers (the span exporter); not part of the
     /// chain, so moving one never touches the evidence.
     cursors: sled::Tree,
+    /// Small values readers keep per key beside their cursor (the Slack deliverer's message
+    /// of each action, so it can update it); not part of the chain either.
+    notes: sled::Tree,
     /// Held for the whole of `append`, so sequence numbers cannot race even if two threads call it.
     writer: Mutex<Writer>,
     /// The head of the last batch known durable. Readers look only at this, so they never wait
@@ -178,6 +186,7 @@ impl EventLog {
         let events = db.open_tree("events").map_err(open_err)?;
         let meta = db.open_tree("meta").map_err(open_err)?;
         let cursors = db.open_tree("cursors").map_err(open_err)?;
+        let notes = db.open_tree("reader_notes").map_err(open_err)?;
 
         let recorded = match meta.get(codec::HEAD_KEY).map_err(open_err)? {
             None => Ok(None),
@@ -235,6 +244,7 @@ impl EventLog {
             events,
             meta,
             cursors,
+            notes,
             writer: Mutex::new(Writer {
                 head,
                 refused,
@@ -594,6 +604,43 @@ impl EventLog {
         self.flush()
     }
 
+    /// A note `reader` kept under `key` (see [`EventLog::save_note`]).
+    pub fn note(&self, reader: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.notes
+            .get(note_key(reader, key))
+            .map(|value| value.map(|v| v.to_vec()))
+            .map_err(StoreError::Read)
+    }
+
+    /// Saves (`Some`) or removes (`None`) a reader's note durably. Notes are working state
+    /// of a reader, like cursors: never evidence, never part of the chain.
+    pub fn save_note(
+        &self,
+        reader: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        {
+            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            if writer.write_failed {
+                return Err(StoreError::WritesRefused {
+                    reason: writer.refused.clone().unwrap_or_default(),
+                });
+            }
+            let key = note_key(reader, key);
+            let written = match value {
+                Some(value) => self.notes.insert(key, value).map(drop),
+                None => self.notes.remove(key).map(drop),
+            };
+            if let Err(e) = written {
+                writer.write_failed = true;
+                writer.refused = Some(format!("an earlier write failed ({e}); restart the server"));
+                return Err(StoreError::Write(e));
+            }
+        }
+        self.flush()
+    }
+
     fn durable_head(&self) -> Head {
         *self.durable.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -657,6 +704,15 @@ const MIN_EVENTS_PER_VERIFY_THREAD: u64 = 50_000;
 const LOCK_RETRY_BUDGET: Duration = Duration::from_secs(1);
 
 /// Opens sled, waiting out the lock a just-dropped `Db` may still hold.
+/// `reader`, a NUL, then `key`: readers' names never contain NUL, so keys cannot collide.
+fn note_key(reader: &str, key: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(reader.len() + 1 + key.len());
+    bytes.extend_from_slice(reader.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
+}
+
 fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_RETRY_BUDGET;
     let mut pause = Duration::from_millis(5);

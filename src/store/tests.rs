@@ -138,6 +138,30 @@ fn cursors_survive_a_reopen_and_leave_the_chain_alone() -> TestResult {
 }
 
 #[test]
+fn reader_notes_survive_a_reopen_are_kept_per_reader_and_leave_the_chain_alone() -> TestResult {
+    let dir = TempDir::new()?;
+    {
+        let log = EventLog::open(dir.path())?;
+        log.append(events(1..=2))?;
+        log.save_note("slack", "a", Some(b"one"))?;
+        log.save_note("slack", "b", Some(b"two"))?;
+        log.save_note("teams", "a", Some(b"other reader"))?;
+        log.save_note("slack", "b", None)?;
+    }
+    let log = EventLog::open(dir.path())?;
+    assert_eq!(log.note("slack", "a")?.as_deref(), Some(&b"one"[..]));
+    assert_eq!(log.note("slack", "b")?, None);
+    assert_eq!(
+        log.note("teams", "a")?.as_deref(),
+        Some(&b"other reader"[..])
+    );
+    let report = verify(&log);
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.events_checked, 2);
+    Ok(())
+}
+
+#[test]
 fn stored_body_is_the_documented_layout() -> TestResult {
     let dir = TempDir::new()?;
     let log = EventLog::open(dir.path())?;

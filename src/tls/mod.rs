@@ -129,6 +129,34 @@ pub fn server_config(
     Ok((config, client_certificates))
 }
 
+/// A rustls server configuration for an HTTP/1.1 listener (Slack interactivity) with the
+/// server's certificate and key, checked as for the gRPC edge. No client certificates:
+/// those callers authenticate by signature.
+pub fn https_server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+    let cert_pem = read_pem("tls.cert", cert)?;
+    let key_pem = read_pem("tls.key", key)?;
+    let chain = certificates("tls.cert", cert, &cert_pem)?;
+    check_key_pair(
+        ("tls.cert", cert),
+        ("tls.key", key),
+        chain.clone(),
+        &key_pem,
+    )?;
+    let private_key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| content("tls.key", key, "no private key in the file"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rejected(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(|e| TlsError::Rejected(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
 /// A PEM file, bounded in size.
 pub fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     let read = |source| TlsError::Read {
