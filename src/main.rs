@@ -32,6 +32,8 @@ enum Command {
     /// Read a static API token from stdin and print the SHA-256 to put in
     /// `[[auth.tokens.tokens]] sha256` (generate one with `openssl rand -base64 32`).
     TokenHash,
+    /// Measure a running server (load, baseline, review loop) or start-up on a large log.
+    Bench(countersign::bench::BenchArgs),
 }
 
 /// Shortest token `token-hash` accepts. Static tokens are stored as a plain SHA-256, which
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Review(args) => cli::run(args),
         Command::TokenHash => token_hash(),
+        Command::Bench(args) => countersign::bench::run(args),
     }
 }
 
