@@ -263,7 +263,7 @@ impl EventLog {
         let mut head = writer.head;
         let mut values = Vec::with_capacity(events.len());
         let mut stored = Vec::with_capacity(events.len());
-        for (index, event) in events.iter().enumerate() {
+        for (index, event) in events.into_iter().enumerate() {
             let sequence =
                 head.sequence
                     .checked_add(1)
