@@ -271,8 +271,20 @@ fn bodies_append_does_not_read_back_still_read_back_exactly() -> TestResult {
     assert_eq!(appended, read);
     for (given, back) in batch.iter().zip(&read) {
         assert_eq!(
-            (&given.kind, given.time, &given.actor, given.action_id, &given.payload),
-            (&back.kind, back.time, &back.actor, back.action_id, &back.payload)
+            (
+                &given.kind,
+                given.time,
+                &given.actor,
+                given.action_id,
+                &given.payload
+            ),
+            (
+                &back.kind,
+                back.time,
+                &back.actor,
+                back.action_id,
+                &back.payload
+            )
         );
     }
     // A float takes the checked path, and a float that survives is stored.
@@ -744,6 +756,65 @@ fn opening_a_file_as_the_directory_fails_clearly() -> TestResult {
     std::fs::write(&file, b"x")?;
     let err = EventLog::open(&file).err().ok_or("opened a file")?;
     assert!(err.to_string().contains("not-a-dir"), "{err}");
+    Ok(())
+}
+
+/// Start-up's replay: more than two chunks, so the decoding threads take part, and every
+/// event arrives once, in order, as `iter_from` reads it.
+#[test]
+fn replay_of_a_verified_log_hands_over_every_event_in_order() -> TestResult {
+    let dir = TempDir::new()?;
+    let log = EventLog::open(dir.path())?;
+    let total = 3 * REPLAY_CHUNK + 17;
+    for start in (1..=total).step_by(2_000) {
+        log.append(events(start..=(start + 1_999).min(total)))?;
+    }
+    let report = log.verify();
+    assert!(report.ok, "{report:?}");
+    let mut seen = Vec::new();
+    let handed = log.replay_verified(
+        &report,
+        |raw| {
+            let payload: serde_json::Value =
+                serde_json::from_str(raw.payload.get()).map_err(|e| e.to_string())?;
+            Ok((
+                raw.sequence,
+                raw.kind.into_owned(),
+                raw.actor.into_owned(),
+                raw.time,
+                raw.action_id,
+                payload,
+            ))
+        },
+        |sequence, item| seen.push((sequence, item)),
+    );
+    assert_eq!(handed, Some(total));
+    let walked = log.iter_from(1).collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(seen.len(), walked.len());
+    for ((sequence, item), stored) in seen.into_iter().zip(walked) {
+        let item = item?;
+        assert_eq!(sequence, stored.sequence);
+        assert_eq!(
+            item,
+            (
+                stored.sequence,
+                stored.kind,
+                stored.actor,
+                stored.time,
+                stored.action_id,
+                stored.payload
+            )
+        );
+    }
+
+    // A report that no longer describes the log is not taken on trust.
+    log.append(events(total + 1..=total + 1))?;
+    assert_eq!(log.replay_verified(&report, |_| Ok(()), |_, _| {}), None);
+    let failed = VerifyReport {
+        ok: false,
+        ..log.verify()
+    };
+    assert_eq!(log.replay_verified(&failed, |_| Ok(()), |_, _| {}), None);
     Ok(())
 }
 
