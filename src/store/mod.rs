@@ -719,6 +719,12 @@ const MAX_VERIFY_THREADS: usize = 8;
 /// ...and gives each at least this many events; below that, threads cost more than they save.
 const MIN_EVENTS_PER_VERIFY_THREAD: u64 = 50_000;
 
+/// sled's page cache. Its default (1 GiB) fills with every event a start-up verification
+/// and replay read, most of which are never read again: a million-event log then held
+/// about a gigabyte of resident memory, and faulting it in was a seventh of start-up.
+/// Appends and recent reads need little; older events are read from the file.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How long `open` keeps retrying a locked directory. sled 0.34 releases its file lock from
 /// background threads shortly *after* the last `Db` is dropped (sled issues 1234 and 1289), so a
 /// close followed at once by a reopen in the same process can find it still locked. A directory
@@ -730,7 +736,11 @@ fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_RETRY_BUDGET;
     let mut pause = Duration::from_millis(5);
     loop {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+        {
             Err(e) if is_locked(&e) && Instant::now() + pause < deadline => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(100));
