@@ -69,12 +69,25 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    without_transparent_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Review(args) => cli::run(args),
         Command::TokenHash => token_hash(),
         Command::Bench(args) => countersign::bench::run(args),
+    }
+}
+
+/// mimalloc asks for transparent huge pages on the memory it reserves, so every thread's
+/// first small allocation faulted in a whole 2 MiB page: an idle server held 65 MB instead
+/// of 20 MB, and 10,000 waiters with 100 reviewer streams held over 200 MB. Small pages cost
+/// no measurable throughput here. Failing only keeps the kernel's default.
+fn without_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
