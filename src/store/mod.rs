@@ -34,8 +34,11 @@
 //! or swapped (stored under the wrong key, or linked to the wrong predecessor), and any
 //! disagreement between the last event and the head record (events cut from the end). It proves
 //! each body is byte for byte what `append` wrote by hashing it, and decodes a body only to
-//! explain a problem; `append` reads every event back before writing it, so an unchanged body
-//! always decodes. [`EventLog::iter_from`] makes the same checks and also decodes every event.
+//! explain a problem; `append` writes only bodies that read back exactly (certain by
+//! construction, or checked by decoding them), so an unchanged body always decodes.
+//! [`EventLog::iter_from`] makes the same checks and also decodes every event;
+//! [`EventLog::replay_verified`] decodes a log that `verify` has just vouched for, on several
+//! threads, without hashing it again (start-up).
 //!
 //! It cannot detect an attacker with write access who rewrites an event and every event after
 //! it, recomputes their hashes and updates the head record: the result is a valid chain. Nor can
