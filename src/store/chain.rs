@@ -89,7 +89,7 @@ impl Chain {
     /// Checks the next `(key, value)` pair of the `events` tree without decoding it, when it can:
     /// the right key, and a stored hash equal to `SHA-256(previous hash || body)`. That one
     /// comparison proves the body is byte for byte what `append` wrote after this chain's last
-    /// event, and `append` only writes bodies it has read back. Anything else goes through
+    /// event, and `append` only writes bodies that read back exactly. Anything else goes through
     /// [`Chain::check`], which explains what is wrong (or accepts the first event of a walk that
     /// started without its predecessor's hash).
     pub fn check_linked(&mut self, key: &[u8], value: &[u8]) -> Result<(), Problem> {

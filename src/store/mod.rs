@@ -39,8 +39,11 @@
 //! or swapped (stored under the wrong key, or linked to the wrong predecessor), and any
 //! disagreement between the last event and the head record (events cut from the end). It proves
 //! each body is byte for byte what `append` wrote by hashing it, and decodes a body only to
-//! explain a problem; `append` reads every event back before writing it, so an unchanged body
-//! always decodes. [`EventLog::iter_from`] makes the same checks and also decodes every event.
+//! explain a problem; `append` writes only bodies that read back exactly (certain by
+//! construction, or checked by decoding them), so an unchanged body always decodes.
+//! [`EventLog::iter_from`] makes the same checks and also decodes every event;
+//! [`EventLog::replay_verified`] decodes a log that `verify` has just vouched for, on several
+//! threads, without hashing it again (start-up).
 //!
 //! It cannot detect an attacker with write access who rewrites an event and every event after
 //! it, recomputes their hashes and updates the head record: the result is a valid chain. Nor can
@@ -102,6 +105,18 @@ pub struct StoredEvent {
     pub payload: serde_json::Value,
     pub prev_hash: [u8; 32],
     pub hash: [u8; 32],
+}
+
+/// An event as [`EventLog::replay_verified`] hands it out: borrowed from the stored bytes,
+/// its payload still JSON text, so the caller decodes it straight into its own types.
+#[derive(Debug)]
+pub struct RawEvent<'a> {
+    pub sequence: u64,
+    pub kind: std::borrow::Cow<'a, str>,
+    pub time: DateTime<Utc>,
+    pub actor: std::borrow::Cow<'a, str>,
+    pub action_id: Option<Uuid>,
+    pub payload: &'a serde_json::value::RawValue,
 }
 
 /// The outcome of [`EventLog::verify`].
@@ -278,7 +293,7 @@ impl EventLog {
         let mut head = writer.head;
         let mut values = Vec::with_capacity(events.len());
         let mut stored = Vec::with_capacity(events.len());
-        for (index, event) in events.iter().enumerate() {
+        for (index, event) in events.into_iter().enumerate() {
             let sequence =
                 head.sequence
                     .checked_add(1)
@@ -522,6 +537,103 @@ impl EventLog {
         })
     }
 
+    /// Replays a log that `report` (this handle's own [`EventLog::verify`], with nothing
+    /// appended since) proved intact: every event from 1 to the head is decoded by `decode`
+    /// on up to [`MAX_REPLAY_THREADS`] threads, in chunks, and handed to `fold` on the
+    /// caller's thread in sequence order. Returns how many events were handed over.
+    ///
+    /// Start-up replays the whole log, and decoding it is most of the work: spreading the
+    /// decoding over the cores while the caller folds, and not hashing again what `verify`
+    /// just hashed, is what keeps a large log's start-up short. Returns `None`, having done
+    /// nothing, when `report` does not vouch for the log as it is (not ok, another head, a
+    /// log that disagreed with its head record): the caller then walks it with
+    /// [`EventLog::iter_from`], which reports problems where they are.
+    pub fn replay_verified<T: Send>(
+        &self,
+        report: &VerifyReport,
+        decode: impl Fn(RawEvent<'_>) -> Result<T, String> + Sync,
+        mut fold: impl FnMut(u64, Result<T, String>),
+    ) -> Option<u64> {
+        let head = self.durable_head();
+        let vouched = report.ok
+            && self.mismatch.is_none()
+            && report.head_sequence == head.sequence
+            && report.head_hash == head.hash
+            && report.events_checked == head.sequence;
+        if !vouched {
+            return None;
+        }
+        let chunks = head.sequence.div_ceil(REPLAY_CHUNK);
+        let decode_chunk = |chunk: u64| -> Vec<(u64, Result<T, String>)> {
+            let first = 1 + chunk * REPLAY_CHUNK;
+            let last = (first + REPLAY_CHUNK - 1).min(head.sequence);
+            let mut out = Vec::with_capacity((last + 1 - first) as usize);
+            let range = self.events.range(first.to_be_bytes()..=last.to_be_bytes());
+            let mut expected = first;
+            for item in range {
+                let decoded = match &item {
+                    Ok((key, value)) => match codec::decode_key(key) {
+                        Some(sequence) if sequence == expected => {
+                            codec::decode_verified(sequence, value).and_then(&decode)
+                        }
+                        _ => Err(format!(
+                            "event {expected} is not where verification found it"
+                        )),
+                    },
+                    Err(e) => Err(format!("reading event {expected} failed: {e}")),
+                };
+                out.push((expected, decoded));
+                expected += 1;
+            }
+            if expected <= last {
+                out.push((expected, Err(format!("event {expected} is missing"))));
+            }
+            out
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_REPLAY_THREADS) as u64;
+        let mut handed = 0u64;
+        let mut hand = |items: Vec<(u64, Result<T, String>)>| {
+            for (sequence, item) in items {
+                handed += 1;
+                fold(sequence, item);
+            }
+        };
+        if chunks < 2 || threads < 2 {
+            (0..chunks).for_each(|c| hand(decode_chunk(c)));
+            return Some(handed);
+        }
+        std::thread::scope(|scope| {
+            // Decoder `t` takes chunks t, t + threads, ...; two chunks of look-ahead each
+            // bound the memory, and reading the channels in turn restores the order.
+            let receivers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+                    let decode_chunk = &decode_chunk;
+                    let spawned = std::thread::Builder::new()
+                        .name("event-log-replay".to_owned())
+                        .spawn_scoped(scope, move || {
+                            for chunk in (t..chunks).step_by(threads as usize) {
+                                if tx.send(decode_chunk(chunk)).is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    spawned.ok().map(|_| rx)
+                })
+                .collect();
+            for chunk in 0..chunks {
+                // A decoder that could not start or stopped: decode its chunk here.
+                let received = receivers[(chunk % threads) as usize]
+                    .as_ref()
+                    .and_then(|rx| rx.recv().ok());
+                hand(received.unwrap_or_else(|| decode_chunk(chunk)));
+            }
+        });
+        Some(handed)
+    }
+
     /// Continues `chain` in order up to `end`, returning the first problem.
     fn check_range(&self, chain: &mut Chain, end: Bound<[u8; 8]>) -> Option<Problem> {
         let start = match chain.next() {
@@ -691,11 +803,23 @@ impl Iterator for Walk {
     }
 }
 
+/// Replay decodes on at most this many threads (the caller's thread folds)...
+const MAX_REPLAY_THREADS: usize = 4;
+
+/// ...in chunks of this many events, handed over in order.
+const REPLAY_CHUNK: u64 = 4096;
+
 /// Verification uses at most this many threads...
 const MAX_VERIFY_THREADS: usize = 8;
 
 /// ...and gives each at least this many events; below that, threads cost more than they save.
 const MIN_EVENTS_PER_VERIFY_THREAD: u64 = 50_000;
+
+/// sled's page cache. Its default (1 GiB) fills with every event a start-up verification
+/// and replay read, most of which are never read again: a million-event log then held
+/// about a gigabyte of resident memory, and faulting it in was a seventh of start-up.
+/// Appends and recent reads need little; older events are read from the file.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How long `open` keeps retrying a locked directory. sled 0.34 releases its file lock from
 /// background threads shortly *after* the last `Db` is dropped (sled issues 1234 and 1289), so a
@@ -717,7 +841,11 @@ fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_RETRY_BUDGET;
     let mut pause = Duration::from_millis(5);
     loop {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+        {
             Err(e) if is_locked(&e) && Instant::now() + pause < deadline => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(100));

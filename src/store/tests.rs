@@ -281,6 +281,65 @@ fn event_that_cannot_read_back_is_refused_and_nothing_is_written() -> TestResult
     Ok(())
 }
 
+/// `append` reads a body back only when its payload holds a float or deep nesting; every
+/// other body must decode to exactly what was given, however awkward its text.
+#[test]
+fn bodies_append_does_not_read_back_still_read_back_exactly() -> TestResult {
+    let dir = TempDir::new()?;
+    let log = EventLog::open(dir.path())?;
+    let awkward = [
+        "",
+        "quote \" backslash \\ slash / \\u0041",
+        "\u{0}\u{1f}\u{7f}\n\t\r",
+        "é 😀 \u{2028} \u{202e}",
+    ];
+    let batch: Vec<NewEvent> = awkward
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let mut e = event(i as u64 + 1);
+            e.kind = format!("kind.{text}");
+            e.actor = (*text).to_owned();
+            e.payload = json!({
+                *text: text,
+                "numbers": [i64::MIN, i64::MAX, u64::MAX, 0, -1],
+                "flags": [true, false, null],
+                "nested": (0..25).fold(json!(text), |inner, _| json!({"k": [inner]})),
+            });
+            e
+        })
+        .collect();
+    let appended = log.append(batch.clone())?;
+    let read = log.iter_from(1).collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(appended, read);
+    for (given, back) in batch.iter().zip(&read) {
+        assert_eq!(
+            (
+                &given.kind,
+                given.time,
+                &given.actor,
+                given.action_id,
+                &given.payload
+            ),
+            (
+                &back.kind,
+                back.time,
+                &back.actor,
+                back.action_id,
+                &back.payload
+            )
+        );
+    }
+    // A float takes the checked path, and a float that survives is stored.
+    let mut float = event(5);
+    float.payload = json!({"ratio": 0.1, "big": 1.7976931348623157e308});
+    let stored = log.append(vec![float.clone()])?;
+    assert_eq!(log.get(5)?.map(|e| e.payload), Some(float.payload));
+    assert_eq!(stored.len(), 1);
+    assert!(verify(&log).ok);
+    Ok(())
+}
+
 #[test]
 fn append_never_overwrites_a_stored_event() -> TestResult {
     let dir = log_with(3)?;
@@ -449,7 +508,7 @@ fn replaced_event_with_valid_own_hash_breaks_the_link() -> TestResult {
             .unwrap_or_default();
         let mut forged = event(5);
         forged.actor = "someone-else".to_owned();
-        let value = codec::encode(5, &forged, &prev)
+        let value = codec::encode(5, forged, &prev)
             .map(|(v, _)| v)
             .unwrap_or_default();
         events.insert(5u64.to_be_bytes(), value).map(drop)
@@ -591,7 +650,7 @@ fn rewriting_the_whole_tail_is_caught_only_by_an_external_anchor() -> TestResult
             .unwrap_or_default();
         let mut forged = event(10);
         forged.payload = json!({"verb": "read"});
-        let (value, stored) = codec::encode(10, &forged, &prev)
+        let (value, stored) = codec::encode(10, forged, &prev)
             .map_err(|_| sled::Error::Unsupported("encode".into()))?;
         events.insert(10u64.to_be_bytes(), value)?;
         meta.insert(codec::HEAD_KEY, &codec::encode_head(10, &stored.hash)[..])
@@ -644,7 +703,7 @@ fn every_single_byte_change_or_truncation_is_caught_at_that_event() -> TestResul
     let mut prev = [0; 32];
     let mut values = Vec::new();
     for seq in 1..=3 {
-        let (value, stored) = codec::encode(seq, &event(seq), &prev)?;
+        let (value, stored) = codec::encode(seq, event(seq), &prev)?;
         prev = stored.hash;
         values.push(value);
     }
@@ -740,6 +799,65 @@ fn opening_a_file_as_the_directory_fails_clearly() -> TestResult {
     std::fs::write(&file, b"x")?;
     let err = EventLog::open(&file).err().ok_or("opened a file")?;
     assert!(err.to_string().contains("not-a-dir"), "{err}");
+    Ok(())
+}
+
+/// Start-up's replay: more than two chunks, so the decoding threads take part, and every
+/// event arrives once, in order, as `iter_from` reads it.
+#[test]
+fn replay_of_a_verified_log_hands_over_every_event_in_order() -> TestResult {
+    let dir = TempDir::new()?;
+    let log = EventLog::open(dir.path())?;
+    let total = 3 * REPLAY_CHUNK + 17;
+    for start in (1..=total).step_by(2_000) {
+        log.append(events(start..=(start + 1_999).min(total)))?;
+    }
+    let report = log.verify();
+    assert!(report.ok, "{report:?}");
+    let mut seen = Vec::new();
+    let handed = log.replay_verified(
+        &report,
+        |raw| {
+            let payload: serde_json::Value =
+                serde_json::from_str(raw.payload.get()).map_err(|e| e.to_string())?;
+            Ok((
+                raw.sequence,
+                raw.kind.into_owned(),
+                raw.actor.into_owned(),
+                raw.time,
+                raw.action_id,
+                payload,
+            ))
+        },
+        |sequence, item| seen.push((sequence, item)),
+    );
+    assert_eq!(handed, Some(total));
+    let walked = log.iter_from(1).collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(seen.len(), walked.len());
+    for ((sequence, item), stored) in seen.into_iter().zip(walked) {
+        let item = item?;
+        assert_eq!(sequence, stored.sequence);
+        assert_eq!(
+            item,
+            (
+                stored.sequence,
+                stored.kind,
+                stored.actor,
+                stored.time,
+                stored.action_id,
+                stored.payload
+            )
+        );
+    }
+
+    // A report that no longer describes the log is not taken on trust.
+    log.append(events(total + 1..=total + 1))?;
+    assert_eq!(log.replay_verified(&report, |_| Ok(()), |_, _| {}), None);
+    let failed = VerifyReport {
+        ok: false,
+        ..log.verify()
+    };
+    assert_eq!(log.replay_verified(&failed, |_| Ok(()), |_, _| {}), None);
     Ok(())
 }
 

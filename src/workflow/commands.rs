@@ -610,4 +610,74 @@ mod tests {
             ["outcome.reported"]
         );
     }
+
+    /// Start-up replay folds events by value; the writer folds them by reference. Both
+    /// must build the same state from the same events.
+    #[test]
+    fn folding_by_value_and_by_reference_agree() {
+        use crate::workflow::record::EventContext;
+        use crate::workflow::{
+            ActionApproved, ActionRequested, Actions, PolicyEvaluated, ReviewVoted,
+        };
+
+        let record = pending(1, &["sre"]);
+        let mut keyed = pending(1, &[]);
+        keyed.request.idempotency_key = "k-1".into();
+        let mut events = Vec::new();
+        for (n, r) in [record, keyed].into_iter().enumerate() {
+            let base = n as u64 * 10;
+            let requested = ActionEvent::Requested(Box::new(ActionRequested {
+                requester: r.requester.clone(),
+                request: r.request.clone(),
+                action_digest: r.action_digest.clone(),
+                on_behalf_of_source: None,
+                trace_id: Some("t".into()),
+                caller_span: None,
+            }));
+            let evaluated = ActionEvent::Evaluated(Box::new(PolicyEvaluated {
+                decision: r.decision.clone().unwrap(),
+                status: ActionStatus::Pending,
+                expires_at: r.expires_at,
+                valid_until: None,
+            }));
+            events.push((base + 1, r.id, requested));
+            events.push((base + 2, r.id, evaluated));
+            if n == 0 {
+                let voted = ActionEvent::Voted(ReviewVoted {
+                    reviewer: person("rev", &["sre"]),
+                    verdict: Verdict::Approve,
+                    reason: "ok".into(),
+                });
+                let approved = ActionEvent::Approved(ActionApproved {
+                    valid_until: at(900),
+                    approved_by: vec!["rev".into()],
+                });
+                events.push((base + 3, r.id, voted));
+                events.push((base + 4, r.id, approved));
+            }
+        }
+        let (mut by_ref, mut by_value) = (Actions::default(), Actions::default());
+        for (sequence, action_id, event) in events {
+            let ctx = EventContext {
+                sequence,
+                time: at(sequence as i64),
+                action_id,
+            };
+            by_ref.apply(ctx, &event).unwrap();
+            by_value.apply_owned(ctx, event).unwrap();
+        }
+        assert_eq!(by_ref.len(), 2);
+        let ids: Vec<Uuid> = by_ref.newest_first(None).map(|r| r.id).collect();
+        for id in &ids {
+            assert_eq!(by_ref.get(id), by_value.get(id));
+        }
+        assert_eq!(by_ref.next_expiry(), by_value.next_expiry());
+        assert_eq!(by_ref.applied_sequence(), by_value.applied_sequence());
+        let requester = &by_ref.get(&ids[0]).unwrap().requester.id;
+        assert_eq!(
+            by_ref.by_idempotency_key(requester, "k-1").map(|r| r.id),
+            by_value.by_idempotency_key(requester, "k-1").map(|r| r.id)
+        );
+        assert!(by_value.by_idempotency_key(requester, "k-1").is_some());
+    }
 }

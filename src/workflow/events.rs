@@ -192,27 +192,51 @@ impl ActionEvent {
         kind: &str,
         payload: &serde_json::Value,
     ) -> Result<Option<ActionEvent>, EventDecodeError> {
-        fn decode<T: serde::de::DeserializeOwned>(
-            kind: &str,
-            payload: &serde_json::Value,
-        ) -> Result<T, EventDecodeError> {
-            T::deserialize(payload).map_err(|source| EventDecodeError {
-                kind: kind.to_string(),
-                source,
-            })
-        }
+        Self::decode(kind, PayloadSource::Value(payload))
+    }
+
+    /// Like [`ActionEvent::from_stored`], from the payload's JSON text, straight into the
+    /// typed event (start-up replay: no `serde_json::Value` tree in between).
+    pub fn from_json(kind: &str, payload: &str) -> Result<Option<ActionEvent>, EventDecodeError> {
+        Self::decode(kind, PayloadSource::Text(payload))
+    }
+
+    fn decode(
+        kind: &str,
+        payload: PayloadSource<'_>,
+    ) -> Result<Option<ActionEvent>, EventDecodeError> {
         Ok(Some(match kind {
-            Self::REQUESTED => ActionEvent::Requested(Box::new(decode(kind, payload)?)),
-            Self::EVALUATED => ActionEvent::Evaluated(Box::new(decode(kind, payload)?)),
-            Self::VOTED => ActionEvent::Voted(decode(kind, payload)?),
-            Self::REVIEW_REFUSED => ActionEvent::ReviewRefused(decode(kind, payload)?),
-            Self::APPROVED => ActionEvent::Approved(decode(kind, payload)?),
-            Self::REJECTED => ActionEvent::Rejected(decode(kind, payload)?),
-            Self::EXPIRED => ActionEvent::Expired(decode(kind, payload)?),
-            Self::CANCELLED => ActionEvent::Cancelled(decode(kind, payload)?),
-            Self::OUTCOME_REPORTED => ActionEvent::OutcomeReported(decode(kind, payload)?),
-            Self::OUTCOME_REFUSED => ActionEvent::OutcomeRefused(decode(kind, payload)?),
+            Self::REQUESTED => ActionEvent::Requested(Box::new(payload.decode(kind)?)),
+            Self::EVALUATED => ActionEvent::Evaluated(Box::new(payload.decode(kind)?)),
+            Self::VOTED => ActionEvent::Voted(payload.decode(kind)?),
+            Self::REVIEW_REFUSED => ActionEvent::ReviewRefused(payload.decode(kind)?),
+            Self::APPROVED => ActionEvent::Approved(payload.decode(kind)?),
+            Self::REJECTED => ActionEvent::Rejected(payload.decode(kind)?),
+            Self::EXPIRED => ActionEvent::Expired(payload.decode(kind)?),
+            Self::CANCELLED => ActionEvent::Cancelled(payload.decode(kind)?),
+            Self::OUTCOME_REPORTED => ActionEvent::OutcomeReported(payload.decode(kind)?),
+            Self::OUTCOME_REFUSED => ActionEvent::OutcomeRefused(payload.decode(kind)?),
             _ => return Ok(None),
         }))
+    }
+}
+
+/// Where a payload is decoded from: a parsed tree, or its JSON text.
+#[derive(Clone, Copy)]
+enum PayloadSource<'p> {
+    Value(&'p serde_json::Value),
+    Text(&'p str),
+}
+
+impl PayloadSource<'_> {
+    fn decode<T: serde::de::DeserializeOwned>(self, kind: &str) -> Result<T, EventDecodeError> {
+        match self {
+            PayloadSource::Value(value) => T::deserialize(value),
+            PayloadSource::Text(text) => serde_json::from_str(text),
+        }
+        .map_err(|source| EventDecodeError {
+            kind: kind.to_string(),
+            source,
+        })
     }
 }

@@ -234,10 +234,62 @@ impl Actions {
         Ok(())
     }
 
+    /// [`Actions::apply`] taking the event by value: a request and a decision are moved into
+    /// the record rather than copied (start-up replay folds a million of them).
+    pub fn apply_owned(&mut self, at: EventContext, event: ActionEvent) -> Result<(), ApplyError> {
+        match event {
+            ActionEvent::Requested(requested) => {
+                self.insert_requested(at, *requested)?;
+                self.applied_sequence = self.applied_sequence.max(at.sequence);
+                Ok(())
+            }
+            ActionEvent::Evaluated(evaluated) => {
+                let record = self.by_id.get_mut(&at.action_id);
+                match record {
+                    // A fresh request (the usual case): nothing is pending in the index yet.
+                    Some(record) if record.decision.is_none() && record.expires_at.is_none() => {
+                        let evaluated = *evaluated;
+                        record.status = evaluated.status;
+                        record.expires_at = evaluated.expires_at;
+                        record.valid_until = evaluated.valid_until;
+                        if evaluated.status.is_final() {
+                            record.decided_at = Some(at.time);
+                        }
+                        record.decision = Some(evaluated.decision);
+                        record.last_sequence = at.sequence;
+                        if record.status == ActionStatus::Pending
+                            && let Some(expiry) = record.expires_at
+                        {
+                            self.pending_by_expiry.insert((expiry, at.action_id));
+                        }
+                        self.applied_sequence = self.applied_sequence.max(at.sequence);
+                        Ok(())
+                    }
+                    _ => self.apply(at, &ActionEvent::Evaluated(evaluated)),
+                }
+            }
+            other => self.apply(at, &other),
+        }
+    }
+
     fn apply_requested(
         &mut self,
         at: EventContext,
         requested: &ActionRequested,
+    ) -> Result<(), ApplyError> {
+        if self.by_id.contains_key(&at.action_id) {
+            return Err(ApplyError::DuplicateRequest {
+                sequence: at.sequence,
+                action_id: at.action_id,
+            });
+        }
+        self.insert_requested(at, requested.clone())
+    }
+
+    fn insert_requested(
+        &mut self,
+        at: EventContext,
+        requested: ActionRequested,
     ) -> Result<(), ApplyError> {
         if self.by_id.contains_key(&at.action_id) {
             return Err(ApplyError::DuplicateRequest {
@@ -254,12 +306,12 @@ impl Actions {
             at.action_id,
             ActionRecord {
                 id: at.action_id,
-                requester: requested.requester.clone(),
-                request: requested.request.clone(),
-                action_digest: requested.action_digest.clone(),
+                requester: requested.requester,
+                request: requested.request,
+                action_digest: requested.action_digest,
                 on_behalf_of_source: requested.on_behalf_of_source,
-                trace_id: requested.trace_id.clone(),
-                caller_span: requested.caller_span.clone(),
+                trace_id: requested.trace_id,
+                caller_span: requested.caller_span,
                 // Until the evaluation is applied; both are appended atomically.
                 status: ActionStatus::Pending,
                 decision: None,
