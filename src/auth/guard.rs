@@ -103,7 +103,6 @@ where
 
 /// What the guard knows of an admitted call, for handlers that refuse it on the merits of
 /// a particular record (see [`Refuser`]).
-#[derive(Clone)]
 struct Admitted {
     rpc: String,
     peer: Option<std::net::IpAddr>,
@@ -115,11 +114,11 @@ struct Admitted {
 /// human the caller may not name): PERMISSION_DENIED, recorded like the guard's own
 /// refusals. Taken from the request before its body is consumed.
 #[derive(Clone)]
-pub struct Refuser(Option<Admitted>);
+pub struct Refuser(Option<Arc<Admitted>>);
 
 impl Refuser {
     pub fn of<T>(request: &tonic::Request<T>) -> Refuser {
-        Refuser(request.extensions().get::<Admitted>().cloned())
+        Refuser(request.extensions().get::<Arc<Admitted>>().cloned())
     }
 
     pub fn permission_denied(&self, reason: impl Into<String>) -> Status {
@@ -204,12 +203,13 @@ impl GuardLayer {
             })?;
 
         let (metadata, mut extensions, ()) = call.into_parts();
-        extensions.insert(Admitted {
+        // Behind an Arc: handlers take a `Refuser` on every call, refused or not.
+        extensions.insert(Arc::new(Admitted {
             rpc,
             peer,
             denials: self.denials.clone(),
             principal: context.principal.clone(),
-        });
+        }));
         // Also clears an ActingFor a call without one could otherwise carry.
         context.insert_into(&mut extensions);
         extensions.insert(grants);
