@@ -55,7 +55,10 @@
 //!
 //! One writer thread calls [`EventLog::append`] once per batch (group commit happens one level
 //! up). Each batch is one sled transaction over `events` and `meta`, then one synchronous
-//! `Db::flush`, so a batch is entirely durable or entirely absent. `flush_async` is never used:
+//! `Db::flush`, so a batch is entirely durable or entirely absent. sled 0.34's flush alone
+//! does not reach the disk, so it is followed by an `fsync` of the blob files sled wrote
+//! (large tree nodes, which sled keeps in files of their own and never syncs) and an
+//! `fdatasync` of sled's data file. `flush_async` is never used:
 //! concurrent calls deadlock in sled 0.34 (sled issue 1308).
 //!
 //! # Opening
@@ -189,6 +192,82 @@ pub struct EventLog {
     /// the file's growing size; sled itself fsyncs only every 500 ms. An answer that says
     /// "recorded" must survive a power cut, so every flush is followed by this.
     data_file: std::fs::File,
+    /// sled's `blobs` directory and how far its files are known durable (see [`BlobFiles`]).
+    blobs: BlobFiles,
+}
+
+/// sled 0.34 writes a page fragment larger than a quarter of its segment (128 KiB by
+/// default) to a file of its own under `blobs/`, named by log position, and never fsyncs
+/// that file or the directory (`pagecache/blob_io.rs`). An event can approach 100 KB (64 KB
+/// of parameters, escaped), so two in one tree node already make a blob. sled's log then
+/// points at a file that a power cut could empty or remove, so every durable flush syncs the
+/// blob files written since the last one, and the directory that names them.
+struct BlobFiles {
+    dir: std::path::PathBuf,
+    /// The highest blob file name (a log position) already synced. Names only grow, so
+    /// anything above it is new; a file sled rewrote under an old name is a new position.
+    synced_through: Mutex<Option<u64>>,
+    /// Blob files synced by this handle, so a test can see the work happen.
+    #[cfg(test)]
+    synced_files: std::sync::atomic::AtomicU64,
+}
+
+impl BlobFiles {
+    fn new(data_dir: &Path) -> BlobFiles {
+        BlobFiles {
+            dir: data_dir.join("blobs"),
+            synced_through: Mutex::new(None),
+            #[cfg(test)]
+            synced_files: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Syncs every blob file above the last one synced, then the directory. After a restart
+    /// (`synced_through` is `None`) every file present is synced once: whether the previous
+    /// process got to them is unknown. A name that is not a number is not sled's and is left
+    /// alone; a file removed meanwhile (sled's garbage collection) needs no syncing.
+    fn sync_new(&self) -> std::io::Result<()> {
+        let mut synced_through = self
+            .synced_through
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut highest = *synced_through;
+        let mut synced_any = false;
+        for entry in entries {
+            let entry = entry?;
+            let Some(position) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if synced_through.is_some_and(|done| position <= done) {
+                continue;
+            }
+            match std::fs::File::open(entry.path()) {
+                Ok(file) => file.sync_all()?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            synced_any = true;
+            #[cfg(test)]
+            self.synced_files
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            highest = Some(highest.map_or(position, |h| h.max(position)));
+        }
+        if synced_any {
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        }
+        // After a restart nothing may be new, and the next flush must still not redo them all.
+        *synced_through = highest.or(Some(0));
+        Ok(())
+    }
 }
 
 impl EventLog {
@@ -276,6 +355,7 @@ impl EventLog {
             mismatch,
             recorded_at_open: recorded,
             data_file,
+            blobs: BlobFiles::new(dir),
         })
     }
 
@@ -761,9 +841,12 @@ impl EventLog {
         self.flush()
     }
 
-    /// sled's flush, then an `fdatasync` of its data file (see `data_file`).
+    /// sled's flush, then an `fsync` of the blob files it wrote (see [`BlobFiles`]) and an
+    /// `fdatasync` of its data file (see `data_file`). Blobs first: the data file's log
+    /// records point at them.
     fn make_durable(&self) -> sled::Result<()> {
         self.db.flush()?;
+        self.blobs.sync_new().map_err(sled::Error::Io)?;
         self.data_file.sync_data().map_err(sled::Error::Io)
     }
 

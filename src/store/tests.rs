@@ -119,6 +119,42 @@ fn appended_events_read_back_exactly() -> TestResult {
 }
 
 #[test]
+fn large_events_written_as_sled_blob_files_are_synced_with_their_batch() -> TestResult {
+    let dir = TempDir::new()?;
+    let log = EventLog::open(dir.path())?;
+    // Near the largest event CheckAction accepts (64 KB of parameters): once the leaf splits
+    // (17 entries), each half is written whole, far over sled's 128 KiB fragment limit, so
+    // sled writes it as a blob file.
+    let large = |i: u64| NewEvent {
+        payload: json!({ "parameters": "x".repeat(70 * 1024), "attempt": i }),
+        ..event(i)
+    };
+    let synced = || {
+        log.blobs
+            .synced_files
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for i in 1..=24 {
+        log.append(vec![large(i)])?;
+    }
+    let on_disk = std::fs::read_dir(dir.path().join("blobs"))?.count() as u64;
+
+    assert!(
+        on_disk > 0,
+        "sled wrote no blob file, so this test proves nothing"
+    );
+    assert!(synced() > 0, "{on_disk} blob files, none synced");
+    let before = synced();
+    log.append(vec![event(25)])?;
+    assert!(
+        synced() - before <= 1,
+        "a small append resynced old blob files"
+    );
+    assert!(verify(&log).ok);
+    Ok(())
+}
+
+#[test]
 fn cursors_survive_a_reopen_and_leave_the_chain_alone() -> TestResult {
     let dir = TempDir::new()?;
     {
