@@ -16,7 +16,9 @@ use crate::policy::EvaluationInput;
 use crate::proto;
 use crate::proto::action_gate_server::ActionGate;
 use crate::telemetry;
-use crate::workflow::{ActionCommand, ActionRequested, action_digest, evaluate_check};
+use crate::workflow::{
+    ActionCommand, ActionRequested, ActionStatus, action_digest, evaluate_check,
+};
 
 pub struct ActionGateApi {
     core: Arc<Core>,
@@ -148,16 +150,27 @@ impl ActionGate for ActionGateApi {
         let record = match ledger.record_check(check).await.map_err(status::ledger)? {
             CheckRecorded::New(record) => {
                 if let Some(decision) = &record.decision {
-                    tracing::info!(
-                        action_id = %record.id,
-                        action_type = %record.request.action.action_type,
-                        requester = %record.requester.id,
-                        status = ?record.status,
-                        risk = %decision.risk,
-                        rules = ?decision.matched_rules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
-                        rule_errors = decision.errors.len(),
-                        "action checked"
-                    );
+                    macro_rules! log_decision {
+                        ($level:expr) => {
+                            tracing::event!(
+                                target: telemetry::DECISION_TARGET,
+                                $level,
+                                action_id = %record.id,
+                                action_type = %record.request.action.action_type,
+                                requester = %record.requester.id,
+                                status = ?record.status,
+                                risk = %decision.risk,
+                                rules = ?decision.matched_rules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+                                rule_errors = decision.errors.len(),
+                                "action checked"
+                            )
+                        };
+                    }
+                    if record.status == ActionStatus::Allowed {
+                        log_decision!(tracing::Level::DEBUG);
+                    } else {
+                        log_decision!(tracing::Level::INFO);
+                    }
                 }
                 record
             }

@@ -14,7 +14,10 @@
 //!  "v": "countersign.action.v1"}
 //! ```
 
-use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::domain::{ActionRequest, Principal};
@@ -22,38 +25,92 @@ use crate::domain::{ActionRequest, Principal};
 /// Domain separation: a digest of this form can never collide with another use of SHA-256.
 const DIGEST_VERSION: &str = "countersign.action.v1";
 
+/// The canonical form, borrowed from the request: it is computed on every CheckAction, and
+/// building a `serde_json::Value` first meant copying the parameters. Fields are declared in
+/// sorted order because serde writes them in declaration order; `parameters` is a
+/// `serde_json::Map` and `labels` a `BTreeMap`, both sorted (serde_json's `preserve_order`
+/// feature is off).
+#[derive(Serialize)]
+struct Canonical<'a> {
+    action: CanonicalAction<'a>,
+    requester: CanonicalRequester<'a>,
+    task: CanonicalTask<'a>,
+    v: &'static str,
+}
+
+#[derive(Serialize)]
+struct CanonicalAction<'a> {
+    environment: &'a str,
+    parameters: &'a Map<String, Value>,
+    purpose: &'a str,
+    resource: &'a str,
+    #[serde(rename = "type")]
+    action_type: &'a str,
+}
+
+#[derive(Serialize)]
+struct CanonicalRequester<'a> {
+    id: &'a str,
+    kind: &'a str,
+}
+
+#[derive(Serialize)]
+struct CanonicalTask<'a> {
+    labels: &'a BTreeMap<String, String>,
+    on_behalf_of: &'a str,
+    origin: &'a str,
+    task_id: &'a str,
+}
+
+/// Feeds serialized bytes straight into the hash.
+struct HashWriter(Sha256);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub fn action_digest(requester: &Principal, request: &ActionRequest) -> String {
     let action = &request.action;
     let task = &request.task;
-    let labels: Map<String, Value> = task
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    // serde_json's Map is a BTreeMap (the `preserve_order` feature is off), so every object
-    // serializes with sorted keys.
-    let canonical = json!({
-        "action": {
-            "type": action.action_type,
-            "resource": action.resource,
-            "environment": action.environment,
-            "parameters": Value::Object(action.parameters.clone()),
-            "purpose": action.purpose,
+    let canonical = Canonical {
+        action: CanonicalAction {
+            environment: &action.environment,
+            parameters: &action.parameters,
+            purpose: &action.purpose,
+            resource: &action.resource,
+            action_type: &action.action_type,
         },
-        "requester": { "id": requester.id, "kind": requester.kind.as_str() },
-        "task": {
-            "task_id": task.task_id,
-            "origin": task.origin,
-            "on_behalf_of": task.on_behalf_of,
-            "labels": labels,
+        requester: CanonicalRequester {
+            id: &requester.id,
+            kind: requester.kind.as_str(),
         },
-        "v": DIGEST_VERSION,
-    });
-    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+        task: CanonicalTask {
+            labels: &task.labels,
+            on_behalf_of: &task.on_behalf_of,
+            origin: &task.origin,
+            task_id: &task.task_id,
+        },
+        v: DIGEST_VERSION,
+    };
+    let mut hasher = HashWriter(Sha256::new());
+    // Serializing strings, maps and JSON values into a writer that never fails cannot fail.
+    if let Err(e) = serde_json::to_writer(&mut hasher, &canonical) {
+        tracing::error!(error = %e, "the action digest's canonical form did not serialize");
+    }
+    hex::encode(hasher.0.finalize())
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::domain::{ActionSpec, PrincipalKind, TaskContext};
 
@@ -90,6 +147,38 @@ mod tests {
         assert_eq!(
             action_digest(&agent(), &request("admin")),
             hex::encode(Sha256::digest(expected_json.as_bytes()))
+        );
+    }
+
+    #[test]
+    fn digest_of_nested_parameters_labels_and_escapes_is_the_sorted_json_form() {
+        let mut request = request("admin");
+        request.action.parameters.insert(
+            "nested".into(),
+            json!({"z": [1, 2.5, null, true], "a": {"ü": "line\nbreak \"quoted\""}}),
+        );
+        request.task.labels.insert("team".into(), "payments".into());
+        request.task.labels.insert("env".into(), "prod".into());
+        request.task.on_behalf_of = "alice@example.com".into();
+        // The canonical form built as a serde_json::Value (sorted keys at every level).
+        let reference = json!({
+            "action": {
+                "type": request.action.action_type,
+                "resource": request.action.resource,
+                "environment": request.action.environment,
+                "parameters": Value::Object(request.action.parameters.clone()),
+                "purpose": request.action.purpose,
+            },
+            "requester": {"id": "agent-1", "kind": "agent"},
+            "task": {
+                "task_id": "", "origin": "", "on_behalf_of": "alice@example.com",
+                "labels": {"team": "payments", "env": "prod"},
+            },
+            "v": DIGEST_VERSION,
+        });
+        assert_eq!(
+            action_digest(&agent(), &request),
+            hex::encode(Sha256::digest(reference.to_string().as_bytes()))
         );
     }
 
