@@ -28,6 +28,7 @@ use crate::auth::{
     JwtAuthenticator, MtlsAuthenticator, Roles, StaticTokenAuthenticator, start_denial_recorder,
 };
 use crate::config::{AuthSettings, ServerConfig};
+use crate::ledger::follower::Progress;
 use crate::ledger::{Ledger, LedgerError, ReplayReport};
 use crate::policy::{PolicyError, PolicySet};
 use crate::proto;
@@ -35,7 +36,6 @@ use crate::proto::action_gate_server::ActionGateServer;
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::policy_service_server::PolicyServiceServer;
 use crate::proto::review_service_server::ReviewServiceServer;
-use crate::telemetry::export::ExportProgress;
 use crate::telemetry::http::StatusFn;
 use crate::telemetry::metrics::{Metrics, Sources};
 use crate::tls::{self, TlsError};
@@ -460,8 +460,8 @@ fn status_document(
     ledger: &Weak<Ledger>,
     policies: &CurrentPolicies,
     metrics: &Metrics,
-    export: Option<&ExportProgress>,
-    notify: &[(String, Arc<crate::notify::delivery::DeliveryProgress>)],
+    export: Option<&Progress>,
+    notify: &[(String, Arc<Progress>)],
 ) -> serde_json::Value {
     let Some(ledger) = ledger.upgrade() else {
         return serde_json::json!({ "serving": false, "stopping": true });
@@ -480,15 +480,15 @@ fn status_document(
         "await_waiters": sample.await_waiters,
         "reviewer_streams": sample.reviewer_streams,
         "span_export": export.map(|export| serde_json::json!({
-            "exported_through": export.exported_through(),
+            "exported_through": export.through(),
             "lag_events": sample.export_lag_events,
             "lag_seconds": sample.export_lag_seconds,
             "consecutive_failures": export.consecutive_failures(),
             "last_error": export.last_error(),
         })),
         "notifications": notify.iter().map(|(channel, progress)| (channel.clone(), serde_json::json!({
-            "delivered_through": progress.delivered_through(),
-            "lag_events": ledger.actions().applied_sequence().saturating_sub(progress.delivered_through()),
+            "delivered_through": progress.through(),
+            "lag_events": ledger.actions().applied_sequence().saturating_sub(progress.through()),
             "consecutive_failures": progress.consecutive_failures(),
             "last_error": progress.last_error(),
         }))).collect::<serde_json::Map<_, _>>(),

@@ -13,8 +13,13 @@
 //!
 //! A dedicated OS thread (not a tokio task) does the blocking `flush`, which also keeps
 //! sled's `flush_async` out of the picture (sled issue 1308).
+//!
+//! Readers that hand the log on to something outside (the span exporter, notification
+//! channels) are [`follower`]s: they follow the visible head from a durable cursor of
+//! their own, and the ledger knows nothing of what they feed.
 
 mod expiry;
+pub mod follower;
 mod waiters;
 mod writer;
 

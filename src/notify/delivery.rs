@@ -1,7 +1,7 @@
-//! The delivery loop: one task per channel, reading the event log after the channel's own
-//! durable cursor, like the span exporter (`telemetry::export`).
+//! Delivery: one [`follower`] of the event log per channel, with the channel's own durable
+//! cursor, like the span exporter (`telemetry::export`).
 //!
-//! For each event that is a notification ([`super::event::trigger`]) the loop builds the
+//! For each event that is a notification ([`super::event::trigger`]) the follower builds the
 //! [`Notification`] against the action's current record and hands it to the channel,
 //! retrying with exponential backoff until the channel accepts it. The cursor moves, and
 //! is flushed, only after that. So:
@@ -19,25 +19,23 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::event::{Notification, trigger};
 use crate::ledger::Ledger;
-use crate::store::{EventLog, StoredEvent};
+use crate::ledger::follower::{self, Backoff, Consumer, Progress};
+use crate::store::StoredEvent;
 
-/// Events read per batch.
+/// Events read per batch: bounds what a channel holds while its receiver is down.
 pub const MAX_BATCH_EVENTS: usize = 256;
 
 /// Backoff between failed attempts: doubling from the first to the last.
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-
-/// How long a stopping server waits for a delivery in flight.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+const BACKOFF: Backoff = Backoff {
+    first: Duration::from_millis(200),
+    max: Duration::from_secs(60),
+};
 
 /// Why one delivery attempt failed; retried.
 #[derive(Debug, thiserror::Error)]
@@ -55,173 +53,50 @@ pub trait Channel: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), DeliveryError>> + Send;
 }
 
-/// How far one channel has come; shown by `/status`.
-#[derive(Debug, Default)]
-pub struct DeliveryProgress {
-    delivered_through: AtomicU64,
-    failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
-}
-
-impl DeliveryProgress {
-    /// The last log sequence this channel is done with.
-    pub fn delivered_through(&self) -> u64 {
-        self.delivered_through.load(Ordering::Acquire)
-    }
-
-    pub fn consecutive_failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().clone()
-    }
-
-    fn failed(&self, channel: &str, problem: &str) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        // Loud once, then at powers of two: a channel down for hours must not flood logs.
-        if failures == 1 || failures.is_power_of_two() {
-            tracing::warn!(channel, error = %problem, failures, "notification delivery failed; retrying");
-        } else {
-            tracing::debug!(channel, error = %problem, failures, "notification delivery failed; retrying");
-        }
-        *self.last_error.lock() = Some(problem.to_string());
-    }
-
-    fn succeeded(&self, channel: &str) {
-        if self.failures.swap(0, Ordering::Relaxed) > 0 {
-            tracing::info!(channel, "notification delivery recovered");
-        }
-        *self.last_error.lock() = None;
-    }
-}
-
-/// Starts the loop for `channel`. It ends when `stopping` becomes true (a delivery in
-/// flight gets [`STOP_GRACE`]) and then lets go of the ledger.
+/// Starts the follower for `channel`. It ends when `stopping` becomes true (a delivery in
+/// flight gets [`follower::STOP_GRACE`]) and then lets go of the ledger.
 pub fn start<C: Channel>(
     channel: C,
     ledger: Arc<Ledger>,
     stopping: watch::Receiver<bool>,
-) -> Result<Arc<DeliveryProgress>, crate::store::StoreError> {
-    let cursor = ledger.log().cursor(channel.name())?;
-    let progress = Arc::new(DeliveryProgress::default());
-    progress.delivered_through.store(cursor, Ordering::Release);
-    tracing::info!(channel = channel.name(), cursor, "delivering notifications");
-    tokio::spawn(run(channel, ledger, progress.clone(), stopping));
-    Ok(progress)
+) -> Result<Arc<Progress>, crate::store::StoreError> {
+    let name = channel.name().to_string();
+    let settings = follower::Settings {
+        cursor: name.clone(),
+        activity: "notification delivery",
+        batch_events: MAX_BATCH_EVENTS,
+        backoff: BACKOFF,
+    };
+    let started = follower::start(ledger, Deliveries(channel), settings, stopping)?;
+    let cursor = started.progress.through();
+    tracing::info!(channel = name, cursor, "delivering notifications");
+    Ok(started.progress)
 }
 
-async fn run<C: Channel>(
-    channel: C,
-    ledger: Arc<Ledger>,
-    progress: Arc<DeliveryProgress>,
-    mut stopping: watch::Receiver<bool>,
-) {
-    let mut applied = ledger.watch_applied();
-    loop {
-        let cursor = progress.delivered_through();
-        let visible = *applied.borrow_and_update();
-        if visible <= cursor {
-            tokio::select! {
-                changed = applied.changed() => if changed.is_err() { return },
-                () = stopped(&mut stopping) => return,
-            }
-            continue;
-        }
-        let log = ledger.log().clone();
-        let events =
-            match tokio::task::spawn_blocking(move || read_batch(&log, cursor, visible)).await {
-                Ok(Ok(events)) if !events.is_empty() => events,
-                Ok(Ok(_)) => {
-                    if wait_or_stop(&mut stopping, MAX_BACKOFF).await {
-                        return;
-                    }
-                    continue;
-                }
-                Ok(Err(problem)) => {
-                    progress.failed(
-                        channel.name(),
-                        &format!("the event log cannot be read: {problem}"),
-                    );
-                    if wait_or_stop(&mut stopping, MAX_BACKOFF).await {
-                        return;
-                    }
-                    continue;
-                }
-                Err(_) => return,
-            };
-        let last = events.last().map_or(cursor, |e| e.sequence);
-        for stored in &events {
-            let Some(notification) = notification(&ledger, stored) else {
-                continue;
-            };
-            match deliver(&channel, &notification, &progress, &mut stopping).await {
-                Delivered::Yes => {
-                    save_cursor(&ledger, channel.name(), stored.sequence, &progress).await;
-                }
-                Delivered::Stopped => return,
-            }
-        }
-        if progress.delivered_through() < last {
-            save_cursor(&ledger, channel.name(), last, &progress).await;
-        }
+/// A channel as a follower's consumer: one notification per event that is one.
+struct Deliveries<C>(C);
+
+impl<C: Channel> Consumer<Ledger> for Deliveries<C> {
+    type Item = Notification;
+    type Error = DeliveryError;
+
+    fn next_item(
+        &mut self,
+        ledger: &Ledger,
+        events: &[StoredEvent],
+    ) -> Option<(usize, Notification)> {
+        events
+            .iter()
+            .enumerate()
+            .find_map(|(index, stored)| Some((index, notification(ledger, stored)?)))
     }
-}
 
-enum Delivered {
-    Yes,
-    /// The server stopped first; the notification is delivered after the restart.
-    Stopped,
-}
-
-async fn deliver<C: Channel>(
-    channel: &C,
-    notification: &Notification,
-    progress: &DeliveryProgress,
-    stopping: &mut watch::Receiver<bool>,
-) -> Delivered {
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        let attempt = channel.deliver(notification);
-        tokio::pin!(attempt);
-        let mut stop_after = false;
-        let result = tokio::select! {
-            result = &mut attempt => result,
-            () = stopped(stopping) => {
-                stop_after = true;
-                match tokio::time::timeout(STOP_GRACE, &mut attempt).await {
-                    Ok(result) => result,
-                    Err(_) => return Delivered::Stopped,
-                }
-            }
-        };
-        match result {
-            Ok(()) => {
-                progress.succeeded(channel.name());
-                return Delivered::Yes;
-            }
-            Err(_) if stop_after => return Delivered::Stopped,
-            Err(e) => progress.failed(channel.name(), &e.0),
-        }
-        if wait_or_stop(stopping, backoff).await {
-            return Delivered::Stopped;
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+    fn hand_over(
+        &self,
+        notification: &Notification,
+    ) -> impl Future<Output = Result<(), DeliveryError>> + Send {
+        self.0.deliver(notification)
     }
-}
-
-/// Moves the cursor durably (the flush runs off the async workers). A cursor that cannot
-/// be saved means repeats after a restart, never a loss.
-async fn save_cursor(ledger: &Ledger, name: &str, sequence: u64, progress: &DeliveryProgress) {
-    let log = ledger.log().clone();
-    let owned = name.to_string();
-    let saved = tokio::task::spawn_blocking(move || log.save_cursor(&owned, sequence)).await;
-    if let Ok(Err(e)) = saved {
-        tracing::warn!(channel = name, error = %e, "the notification cursor cannot be saved");
-    }
-    progress
-        .delivered_through
-        .store(sequence, Ordering::Release);
 }
 
 /// The notification `stored` stands for, with its action's record as it is now.
@@ -239,30 +114,4 @@ fn notification(ledger: &Ledger, stored: &StoredEvent) -> Option<Notification> {
         record,
         resolution: trigger.resolution,
     })
-}
-
-/// The events after `cursor`, up to `visible` and at most [`MAX_BATCH_EVENTS`].
-fn read_batch(
-    log: &EventLog,
-    cursor: u64,
-    visible: u64,
-) -> Result<Vec<StoredEvent>, crate::store::StoreError> {
-    log.iter_from(cursor + 1)
-        .take(MAX_BATCH_EVENTS)
-        .take_while(|e| e.as_ref().map_or(true, |e| e.sequence <= visible))
-        .collect()
-}
-
-/// Resolves when the server begins to stop (or is gone).
-async fn stopped(stopping: &mut watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|s| *s).await;
-}
-
-/// Sleeps for `wait` unless the server stops first; `true` when it stops.
-async fn wait_or_stop(stopping: &mut watch::Receiver<bool>, wait: Duration) -> bool {
-    let stopped = tokio::select! {
-        () = tokio::time::sleep(wait) => false,
-        () = stopped(stopping) => true,
-    };
-    stopped || *stopping.borrow()
 }

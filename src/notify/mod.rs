@@ -2,8 +2,9 @@
 //! webhooks, and reviews coming back from Slack.
 //!
 //! Outbound, every channel is a reader of the event log with its own durable cursor
-//! ([`delivery`], the pattern of the span exporter): a channel that is down never blocks a
-//! decision and loses nothing. What is sent is built by pure functions ([`message`]).
+//! ([`delivery`], a [follower](crate::ledger::follower) like the span exporter): a channel
+//! that is down never blocks a decision and loses nothing. What is sent is built by pure
+//! functions ([`message`]).
 //! Inbound, Slack's interactivity requests ([`interactivity`]) are authenticated by
 //! Slack's signature ([`signature`]), mapped to a principal by configuration, and applied
 //! through the same workflow rules as the gRPC API.
@@ -12,7 +13,7 @@
 //! |---|---|
 //! | `config.rs` | `[slack]`, `[teams]`, `[[webhooks]]`; secrets from files or env, never printed |
 //! | `event.rs` | which log events are notifications (pure) |
-//! | `delivery.rs` | the per-channel loop: cursor, retries with backoff, stop |
+//! | `delivery.rs` | each channel as a follower of the log: batch size, backoff, what a notification is |
 //! | `message.rs` | Slack Block Kit, Teams Adaptive Card, webhook JSON (pure) |
 //! | `signature.rs` | HMAC-SHA256: webhook signatures, Slack `v0` verification |
 //! | `slack.rs` | Slack Web API client, routing, the Slack channel |
@@ -40,9 +41,9 @@ use tokio::sync::watch;
 use crate::auth::{DenialReporter, Roles};
 use crate::config::TlsSettings;
 use crate::ledger::Ledger;
+use crate::ledger::follower::Progress;
 use crate::tls::TlsError;
 use config::{NotifySettings, Secret, SecretError, SlackSettings};
-use delivery::DeliveryProgress;
 
 /// One outbound request (connect, send, answer) must be done within this.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,7 +92,7 @@ pub struct Started {
     /// Where Slack's interactivity requests are served, if they are.
     pub interactivity_addr: Option<SocketAddr>,
     /// Each channel's progress, by cursor name.
-    pub progress: Vec<(String, Arc<DeliveryProgress>)>,
+    pub progress: Vec<(String, Arc<Progress>)>,
 }
 
 /// Checks the settings and reads every secret; nothing is started yet.

@@ -21,8 +21,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::export::ExportProgress;
 use crate::domain::RiskLevel;
+use crate::ledger::follower::Progress;
 use crate::ledger::{Ledger, LedgerObserver};
 use crate::workflow::ActionStatus;
 
@@ -50,14 +50,14 @@ pub struct Sample {
 pub struct Sources {
     ledger: Weak<Ledger>,
     reviewer_streams: Arc<AtomicUsize>,
-    export: Option<Arc<ExportProgress>>,
+    export: Option<Arc<Progress>>,
 }
 
 impl Sources {
     pub fn new(
         ledger: &Arc<Ledger>,
         reviewer_streams: Arc<AtomicUsize>,
-        export: Option<Arc<ExportProgress>>,
+        export: Option<Arc<Progress>>,
     ) -> Sources {
         Sources {
             ledger: Arc::downgrade(ledger),
@@ -81,7 +81,7 @@ impl Sources {
         };
         sample.await_waiters = ledger.waiter_count() as u64;
         if let Some(export) = &self.export {
-            let exported = export.exported_through();
+            let exported = export.through();
             sample.export_lag_events = applied.saturating_sub(exported);
             if sample.export_lag_events > 0
                 && let Ok(Some(oldest)) = ledger.log().get(exported + 1)
