@@ -288,6 +288,17 @@ impl EventLog {
         let notes = db.open_tree("reader_notes").map_err(open_err)?;
         let data_file =
             std::fs::File::open(dir.join("db")).map_err(|e| open_err(sled::Error::Io(e)))?;
+        let blobs = BlobFiles::new(dir);
+        // After a process crash (not a power cut) sled reads back what it had written but
+        // never synced: the last batch, whose caller was never answered. The fold and readers
+        // are about to see it, so it is made durable first; otherwise a power cut could take
+        // back an event the span exporter or an auditor had already seen (a fork).
+        if let Err(error) = sync_sled(&db, &blobs, &data_file) {
+            // As after a failed append: dropping the handles would flush, which never returns.
+            std::mem::forget((db.clone(), events.clone(), meta.clone()));
+            std::mem::forget((cursors.clone(), notes.clone()));
+            return Err(open_err(error));
+        }
 
         let recorded = match meta.get(codec::HEAD_KEY).map_err(open_err)? {
             None => Ok(None),
@@ -355,7 +366,7 @@ impl EventLog {
             mismatch,
             recorded_at_open: recorded,
             data_file,
-            blobs: BlobFiles::new(dir),
+            blobs,
         })
     }
 
@@ -845,9 +856,7 @@ impl EventLog {
     /// `fdatasync` of its data file (see `data_file`). Blobs first: the data file's log
     /// records point at them.
     fn make_durable(&self) -> sled::Result<()> {
-        self.db.flush()?;
-        self.blobs.sync_new().map_err(sled::Error::Io)?;
-        self.data_file.sync_data().map_err(sled::Error::Io)
+        sync_sled(&self.db, &self.blobs, &self.data_file)
     }
 
     fn durable_head(&self) -> Head {
@@ -925,6 +934,13 @@ const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const LOCK_RETRY_BUDGET: Duration = Duration::from_secs(1);
 
 /// Opens sled, waiting out the lock a just-dropped `Db` may still hold.
+/// See [`EventLog::make_durable`].
+fn sync_sled(db: &sled::Db, blobs: &BlobFiles, data_file: &std::fs::File) -> sled::Result<()> {
+    db.flush()?;
+    blobs.sync_new().map_err(sled::Error::Io)?;
+    data_file.sync_data().map_err(sled::Error::Io)
+}
+
 /// `reader`, a NUL, then `key`: readers' names never contain NUL, so keys cannot collide.
 fn note_key(reader: &str, key: &str) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(reader.len() + 1 + key.len());
