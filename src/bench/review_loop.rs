@@ -42,6 +42,8 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// HTTP/2 streams per connection the server allows by default (`limits.max_concurrent_streams`
 /// is 1024); waiters are spread so that no connection needs more than this.
 const WAITERS_PER_CONNECTION: u32 = 500;
+/// The client's deadline on a waiter's AwaitDecision (which asks the server to wait 60 s).
+const AWAIT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// CheckActions creating the pending actions at once.
 const CREATE_CONCURRENCY: u32 = 64;
 
@@ -135,7 +137,13 @@ pub async fn drive(args: &ReviewLoopArgs) -> Result<ReviewLoopReport, BenchError
         .target
         .connections
         .max(args.waiters.div_ceil(WAITERS_PER_CONNECTION));
-    let channels = identity::connect(&args.target, connections).await?;
+    // The channels' per-call deadline must outlast a waiter's AwaitDecision, or a long run
+    // of approvals would have the client cancel the waiters still waiting.
+    let target = TargetArgs {
+        timeout: args.target.timeout.max(AWAIT_CALL_TIMEOUT),
+        ..args.target.clone()
+    };
+    let channels = identity::connect(&target, connections).await?;
     let shared = Arc::new(Shared {
         tag: format!("bench-review-loop-{}", uuid::Uuid::now_v7().simple()),
         reviewers: args.reviewers,
@@ -386,7 +394,7 @@ async fn wait(mut client: Gate, id: String, shared: Arc<Shared>, registered: Arc
         };
         let mut request = tonic::Request::new(request);
         // No deadline of ours: the server answers after `wait` (capped by its max_await).
-        request.set_timeout(Duration::from_secs(120));
+        request.set_timeout(AWAIT_CALL_TIMEOUT);
         let call = client.await_decision(request);
         if first {
             first = false;
