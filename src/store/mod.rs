@@ -199,14 +199,16 @@ pub struct EventLog {
 /// sled 0.34 writes a page fragment larger than a quarter of its segment (128 KiB by
 /// default) to a file of its own under `blobs/`, named by log position, and never fsyncs
 /// that file or the directory (`pagecache/blob_io.rs`). An event can approach 100 KB (64 KB
-/// of parameters, escaped), so two in one tree node already make a blob. sled's log then
+/// of parameters, escaped), so a tree node holding a few is already a blob. sled's log then
 /// points at a file that a power cut could empty or remove, so every durable flush syncs the
-/// blob files written since the last one, and the directory that names them.
+/// blob files that are new or changed since the last one, and the directory that names them.
 struct BlobFiles {
     dir: std::path::PathBuf,
-    /// The highest blob file name (a log position) already synced. Names only grow, so
-    /// anything above it is new; a file sled rewrote under an old name is a new position.
-    synced_through: Mutex<Option<u64>>,
+    /// Each blob file already synced (by name) and its length then. Blob files are created
+    /// by whichever sled thread rewrites a page, not in name order, and one can be seen
+    /// while it is still being written; a set of names with lengths, not a high-water mark,
+    /// is what never skips one. Names sled has removed are dropped at the next sync.
+    synced: Mutex<std::collections::HashMap<u64, u64>>,
     /// Blob files synced by this handle, so a test can see the work happen.
     #[cfg(test)]
     synced_files: std::sync::atomic::AtomicU64,
@@ -216,28 +218,26 @@ impl BlobFiles {
     fn new(data_dir: &Path) -> BlobFiles {
         BlobFiles {
             dir: data_dir.join("blobs"),
-            synced_through: Mutex::new(None),
+            synced: Mutex::new(std::collections::HashMap::new()),
             #[cfg(test)]
             synced_files: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// Syncs every blob file above the last one synced, then the directory. After a restart
-    /// (`synced_through` is `None`) every file present is synced once: whether the previous
-    /// process got to them is unknown. A name that is not a number is not sled's and is left
-    /// alone; a file removed meanwhile (sled's garbage collection) needs no syncing.
+    /// Syncs every blob file that is new or whose length changed since it was last synced,
+    /// then the directory if a name is new. After a restart every file present is synced
+    /// once: whether the previous process got to them is unknown. A name that is not a number
+    /// is not sled's and is left alone; a file removed meanwhile (sled's garbage collection)
+    /// needs no syncing.
     fn sync_new(&self) -> std::io::Result<()> {
-        let mut synced_through = self
-            .synced_through
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let mut highest = *synced_through;
-        let mut synced_any = false;
+        let mut present = std::collections::HashMap::with_capacity(synced.len());
+        let mut new_name = false;
         for entry in entries {
             let entry = entry?;
             let Some(position) = entry
@@ -247,25 +247,26 @@ impl BlobFiles {
             else {
                 continue;
             };
-            if synced_through.is_some_and(|done| position <= done) {
-                continue;
-            }
-            match std::fs::File::open(entry.path()) {
-                Ok(file) => file.sync_all()?,
+            let file = match std::fs::File::open(entry.path()) {
+                Ok(file) => file,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
+            };
+            let len = file.metadata()?.len();
+            let known = synced.get(&position).copied();
+            if known != Some(len) {
+                file.sync_all()?;
+                new_name |= known.is_none();
+                #[cfg(test)]
+                self.synced_files
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            synced_any = true;
-            #[cfg(test)]
-            self.synced_files
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            highest = Some(highest.map_or(position, |h| h.max(position)));
+            present.insert(position, len);
         }
-        if synced_any {
+        if new_name {
             std::fs::File::open(&self.dir)?.sync_all()?;
         }
-        // After a restart nothing may be new, and the next flush must still not redo them all.
-        *synced_through = highest.or(Some(0));
+        *synced = present;
         Ok(())
     }
 }
@@ -933,7 +934,6 @@ const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// held by a live server stays locked far longer than this, and still fails.
 const LOCK_RETRY_BUDGET: Duration = Duration::from_secs(1);
 
-/// Opens sled, waiting out the lock a just-dropped `Db` may still hold.
 /// See [`EventLog::make_durable`].
 fn sync_sled(db: &sled::Db, blobs: &BlobFiles, data_file: &std::fs::File) -> sled::Result<()> {
     db.flush()?;
@@ -950,6 +950,7 @@ fn note_key(reader: &str, key: &str) -> Vec<u8> {
     bytes
 }
 
+/// Opens sled, waiting out the lock a just-dropped `Db` may still hold.
 fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_RETRY_BUDGET;
     let mut pause = Duration::from_millis(5);
