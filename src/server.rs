@@ -569,8 +569,7 @@ fn log_replay(config: &ServerConfig, replay: &ReplayReport) {
         head_sequence = replay.verification.head_sequence,
         head_hash = %hex::encode(replay.verification.head_hash),
         open_ms = replay.open_took.as_millis() as u64,
-        verify_ms = replay.verify_took.as_millis() as u64,
-        replay_ms = replay.replay_took.as_millis() as u64,
+        verify_and_replay_ms = replay.replay_took.as_millis() as u64,
         "event log replayed"
     );
     if let Some(problem) = &replay.integrity_problem {

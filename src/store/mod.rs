@@ -42,8 +42,8 @@
 //! explain a problem; `append` writes only bodies that read back exactly (certain by
 //! construction, or checked by decoding them), so an unchanged body always decodes.
 //! [`EventLog::iter_from`] makes the same checks and also decodes every event;
-//! [`EventLog::replay_verified`] decodes a log that `verify` has just vouched for, on several
-//! threads, without hashing it again (start-up).
+//! [`EventLog::verify_and_replay`] makes `verify`'s checks and decodes every event in one
+//! read, on several threads (start-up).
 //!
 //! It cannot detect an attacker with write access who rewrites an event and every event after
 //! it, recomputes their hashes and updates the head record: the result is a valid chain. Nor can
@@ -110,7 +110,7 @@ pub struct StoredEvent {
     pub hash: [u8; 32],
 }
 
-/// An event as [`EventLog::replay_verified`] hands it out: borrowed from the stored bytes,
+/// An event as [`EventLog::verify_and_replay`] hands it out: borrowed from the stored bytes,
 /// its payload still JSON text, so the caller decodes it straight into its own types.
 #[derive(Debug)]
 pub struct RawEvent<'a> {
@@ -637,101 +637,140 @@ impl EventLog {
         })
     }
 
-    /// Replays a log that `report` (this handle's own [`EventLog::verify`], with nothing
-    /// appended since) proved intact: every event from 1 to the head is decoded by `decode`
-    /// on up to [`MAX_REPLAY_THREADS`] threads, in chunks, and handed to `fold` on the
-    /// caller's thread in sequence order. Returns how many events were handed over.
+    /// Verifies the whole chain and replays it in the same read: every event from 1 to the
+    /// head is checked (its key, and its stored hash against SHA-256 of the previous hash and
+    /// its body) and decoded by `decode` on up to [`MAX_REPLAY_THREADS`] threads, in chunks,
+    /// and handed to `fold` on the caller's thread in sequence order.
     ///
-    /// Start-up replays the whole log, and decoding it is most of the work: spreading the
-    /// decoding over the cores while the caller folds, and not hashing again what `verify`
-    /// just hashed, is what keeps a large log's start-up short. Returns `None`, having done
-    /// nothing, when `report` does not vouch for the log as it is (not ok, another head, a
-    /// log that disagreed with its head record): the caller then walks it with
-    /// [`EventLog::iter_from`], which reports problems where they are.
-    pub fn replay_verified<T: Send>(
+    /// Returns the verification report when the log is intact from event 1 to its head
+    /// record and every event was handed over. Returns `None` as soon as anything does not
+    /// check out (or for a log that disagreed with its head record at open): `fold` may then
+    /// have seen a prefix, which the caller discards before walking the log with
+    /// [`EventLog::verify`] and [`EventLog::iter_from`], which say what is wrong and where.
+    ///
+    /// Start-up reads the whole log, and reading 1.2 GB through sled's iterator is a large
+    /// part of it: checking and decoding in one pass reads it once instead of twice.
+    pub fn verify_and_replay<T: Send>(
         &self,
-        report: &VerifyReport,
         decode: impl Fn(RawEvent<'_>) -> Result<T, String> + Sync,
         mut fold: impl FnMut(u64, Result<T, String>),
-    ) -> Option<u64> {
-        let head = self.durable_head();
-        let vouched = report.ok
-            && self.mismatch.is_none()
-            && report.head_sequence == head.sequence
-            && report.head_hash == head.hash
-            && report.events_checked == head.sequence;
-        if !vouched {
+    ) -> Option<VerifyReport> {
+        if self.mismatch.is_some() {
             return None;
         }
+        let head = self.durable_head();
         let chunks = head.sequence.div_ceil(REPLAY_CHUNK);
-        let decode_chunk = |chunk: u64| -> Vec<(u64, Result<T, String>)> {
+        let check_chunk = |chunk: u64| -> CheckedChunk<T> {
             let first = 1 + chunk * REPLAY_CHUNK;
             let last = (first + REPLAY_CHUNK - 1).min(head.sequence);
-            let mut out = Vec::with_capacity((last + 1 - first) as usize);
-            let range = self.events.range(first.to_be_bytes()..=last.to_be_bytes());
-            let mut expected = first;
-            for item in range {
-                let decoded = match &item {
-                    Ok((key, value)) => match codec::decode_key(key) {
-                        Some(sequence) if sequence == expected => {
-                            codec::decode_verified(sequence, value).and_then(&decode)
-                        }
-                        _ => Err(format!(
-                            "event {expected} is not where verification found it"
-                        )),
-                    },
-                    Err(e) => Err(format!("reading event {expected} failed: {e}")),
+            // The chunk's first event links to its predecessor's stored hash, read here and
+            // compared with what the chunk before ends on when the chunks are joined.
+            let (mut chain, lower) = if chunk == 0 {
+                // From the very first key, so stray keys before event 1 are caught.
+                (Chain::genesis(), Bound::Unbounded)
+            } else {
+                let prev = self
+                    .events
+                    .get((first - 1).to_be_bytes())
+                    .ok()
+                    .flatten()
+                    .and_then(|v| v.first_chunk::<HASH_LEN>().copied());
+                let Some(prev) = prev else {
+                    return CheckedChunk::failed();
                 };
-                out.push((expected, decoded));
-                expected += 1;
+                (
+                    Chain::resume(first, Some(prev)),
+                    Bound::Included(first.to_be_bytes()),
+                )
+            };
+            let starts_after = chain.last().1;
+            let mut items = Vec::with_capacity((last + 1 - first) as usize);
+            for item in self
+                .events
+                .range((lower, Bound::Included(last.to_be_bytes())))
+            {
+                let Ok((key, value)) = item else {
+                    return CheckedChunk::failed();
+                };
+                let sequence = chain.next();
+                if chain.check_linked(&key, &value).is_err() {
+                    return CheckedChunk::failed();
+                }
+                items.push((
+                    sequence,
+                    codec::decode_verified(sequence, &value).and_then(&decode),
+                ));
             }
-            if expected <= last {
-                out.push((expected, Err(format!("event {expected} is missing"))));
+            if chain.next() != last + 1 {
+                return CheckedChunk::failed();
             }
-            out
+            CheckedChunk {
+                items: Some(items),
+                starts_after,
+                ends_on: chain.last().1,
+            }
         };
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(MAX_REPLAY_THREADS) as u64;
+        // Joins the chunks in order: each must start on the hash the one before ended on.
+        let mut previous_hash = codec::GENESIS_HASH;
         let mut handed = 0u64;
-        let mut hand = |items: Vec<(u64, Result<T, String>)>| {
+        let mut hand = |chunk: CheckedChunk<T>| -> bool {
+            let Some(items) = chunk.items else {
+                return false;
+            };
+            if chunk.starts_after != previous_hash {
+                return false;
+            }
+            previous_hash = chunk.ends_on;
             for (sequence, item) in items {
                 handed += 1;
                 fold(sequence, item);
             }
+            true
         };
-        if chunks < 2 || threads < 2 {
-            (0..chunks).for_each(|c| hand(decode_chunk(c)));
-            return Some(handed);
-        }
-        std::thread::scope(|scope| {
-            // Decoder `t` takes chunks t, t + threads, ...; two chunks of look-ahead each
-            // bound the memory, and reading the channels in turn restores the order.
-            let receivers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (tx, rx) = std::sync::mpsc::sync_channel(2);
-                    let decode_chunk = &decode_chunk;
-                    let spawned = std::thread::Builder::new()
-                        .name("event-log-replay".to_owned())
-                        .spawn_scoped(scope, move || {
-                            for chunk in (t..chunks).step_by(threads as usize) {
-                                if tx.send(decode_chunk(chunk)).is_err() {
-                                    return;
+        let intact = if chunks < 2 || threads < 2 {
+            (0..chunks).all(|c| hand(check_chunk(c)))
+        } else {
+            std::thread::scope(|scope| {
+                // Thread `t` takes chunks t, t + threads, ...; two chunks of look-ahead each
+                // bound the memory, and reading the channels in turn restores the order.
+                let receivers: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+                        let check_chunk = &check_chunk;
+                        let spawned = std::thread::Builder::new()
+                            .name("event-log-replay".to_owned())
+                            .spawn_scoped(scope, move || {
+                                for chunk in (t..chunks).step_by(threads as usize) {
+                                    if tx.send(check_chunk(chunk)).is_err() {
+                                        return;
+                                    }
                                 }
-                            }
-                        });
-                    spawned.ok().map(|_| rx)
+                            });
+                        spawned.ok().map(|_| rx)
+                    })
+                    .collect();
+                // Stopping early drops the receivers, which ends the threads.
+                (0..chunks).all(|chunk| {
+                    // A thread that could not start or stopped: check its chunk here.
+                    let received = receivers[(chunk % threads) as usize]
+                        .as_ref()
+                        .and_then(|rx| rx.recv().ok());
+                    hand(received.unwrap_or_else(|| check_chunk(chunk)))
                 })
-                .collect();
-            for chunk in 0..chunks {
-                // A decoder that could not start or stopped: decode its chunk here.
-                let received = receivers[(chunk % threads) as usize]
-                    .as_ref()
-                    .and_then(|rx| rx.recv().ok());
-                hand(received.unwrap_or_else(|| decode_chunk(chunk)));
-            }
-        });
-        Some(handed)
+            })
+        };
+        let ends_at_head = previous_hash == head.hash && handed == head.sequence;
+        (intact && ends_at_head).then_some(VerifyReport {
+            ok: true,
+            events_checked: handed,
+            first_bad_sequence: None,
+            problem: None,
+            head_sequence: head.sequence,
+            head_hash: head.hash,
+        })
     }
 
     /// Continues `chain` in order up to `end`, returning the first problem.
@@ -907,6 +946,26 @@ impl Iterator for Walk {
         };
         self.done = item.is_err();
         Some(item)
+    }
+}
+
+/// One chunk of [`EventLog::verify_and_replay`]: its events decoded, and the hashes that
+/// join it to its neighbours; `items` is `None` when something in it did not check out.
+struct CheckedChunk<T> {
+    items: Option<Vec<(u64, Result<T, String>)>>,
+    /// The stored hash of the event before the chunk's first (zeros before event 1).
+    starts_after: [u8; HASH_LEN],
+    /// The stored hash of the chunk's last event.
+    ends_on: [u8; HASH_LEN],
+}
+
+impl<T> CheckedChunk<T> {
+    fn failed() -> CheckedChunk<T> {
+        CheckedChunk {
+            items: None,
+            starts_after: codec::GENESIS_HASH,
+            ends_on: codec::GENESIS_HASH,
+        }
     }
 }
 

@@ -838,21 +838,18 @@ fn opening_a_file_as_the_directory_fails_clearly() -> TestResult {
     Ok(())
 }
 
-/// Start-up's replay: more than two chunks, so the decoding threads take part, and every
-/// event arrives once, in order, as `iter_from` reads it.
+/// Start-up's replay: more than two chunks, so the checking threads take part, and every
+/// event arrives once, in order, as `iter_from` reads it, with `verify`'s report.
 #[test]
-fn replay_of_a_verified_log_hands_over_every_event_in_order() -> TestResult {
+fn verify_and_replay_of_an_intact_log_hands_over_every_event_in_order() -> TestResult {
     let dir = TempDir::new()?;
     let log = EventLog::open(dir.path())?;
     let total = 3 * REPLAY_CHUNK + 17;
     for start in (1..=total).step_by(2_000) {
         log.append(events(start..=(start + 1_999).min(total)))?;
     }
-    let report = log.verify();
-    assert!(report.ok, "{report:?}");
     let mut seen = Vec::new();
-    let handed = log.replay_verified(
-        &report,
+    let report = log.verify_and_replay(
         |raw| {
             let payload: serde_json::Value =
                 serde_json::from_str(raw.payload.get()).map_err(|e| e.to_string())?;
@@ -867,7 +864,7 @@ fn replay_of_a_verified_log_hands_over_every_event_in_order() -> TestResult {
         },
         |sequence, item| seen.push((sequence, item)),
     );
-    assert_eq!(handed, Some(total));
+    assert_eq!(report, Some(log.verify()));
     let walked = log.iter_from(1).collect::<Result<Vec<_>, _>>()?;
     assert_eq!(seen.len(), walked.len());
     for ((sequence, item), stored) in seen.into_iter().zip(walked) {
@@ -885,15 +882,50 @@ fn replay_of_a_verified_log_hands_over_every_event_in_order() -> TestResult {
             )
         );
     }
+    Ok(())
+}
 
-    // A report that no longer describes the log is not taken on trust.
-    log.append(events(total + 1..=total + 1))?;
-    assert_eq!(log.replay_verified(&report, |_| Ok(()), |_, _| {}), None);
-    let failed = VerifyReport {
-        ok: false,
-        ..log.verify()
+/// Whatever `verify` catches, the one-pass start-up replay refuses too, wherever it lies
+/// among the chunks (the caller then verifies and walks the log to say what is wrong).
+#[test]
+fn verify_and_replay_refuses_every_log_verify_refuses() -> TestResult {
+    let total = 2 * REPLAY_CHUNK + 5;
+    let build = || -> Result<TempDir, Box<dyn Error>> {
+        let dir = TempDir::new()?;
+        let log = EventLog::open(dir.path())?;
+        for start in (1..=total).step_by(3_000) {
+            log.append(events(start..=(start + 2_999).min(total)))?;
+        }
+        Ok(dir)
     };
-    assert_eq!(log.replay_verified(&failed, |_| Ok(()), |_, _| {}), None);
+    type Edit = fn(&sled::Tree) -> sled::Result<()>;
+    let edits: [(&str, Edit); 6] = [
+        ("a body changed in the first chunk", |t| flip(t, 3, 40)),
+        ("a body changed in the last chunk", |t| {
+            flip(t, 2 * REPLAY_CHUNK + 2, 40)
+        }),
+        ("the first event of a chunk changed", |t| {
+            flip(t, REPLAY_CHUNK + 1, 40)
+        }),
+        ("the last event of a chunk changed", |t| {
+            flip(t, REPLAY_CHUNK, 40)
+        }),
+        ("an event removed", |t| {
+            t.remove((REPLAY_CHUNK + 7).to_be_bytes()).map(drop)
+        }),
+        ("a stray key before event 1", |t| {
+            t.insert(0u64.to_be_bytes(), vec![0u8; 40]).map(drop)
+        }),
+    ];
+    for (what, edit) in edits {
+        let dir = build()?;
+        tamper(dir.path(), |events, _| edit(events))?;
+        let log = EventLog::open(dir.path())?;
+        assert!(!verify(&log).ok, "{what}: verify did not notice");
+        let mut folded = 0u64;
+        let report = log.verify_and_replay(|_| Ok(()), |_, _| folded += 1);
+        assert_eq!(report, None, "{what}: replayed {folded} events as intact");
+    }
     Ok(())
 }
 
