@@ -28,6 +28,7 @@ use crate::auth::{
     JwtAuthenticator, MtlsAuthenticator, Roles, StaticTokenAuthenticator, start_denial_recorder,
 };
 use crate::config::{AuthSettings, ServerConfig};
+use crate::error_chain;
 use crate::ledger::follower::Progress;
 use crate::ledger::{Ledger, LedgerError, ReplayReport};
 use crate::policy::{PolicyError, PolicySet};
@@ -524,19 +525,6 @@ fn authenticator(settings: &AuthSettings) -> Result<Arc<dyn Authenticator>, Serv
             Ok(Arc::new(CredentialChain::new(jwt, tokens, mtls)?))
         }
     }
-}
-
-/// An error and its causes on one line: tonic's own message ("transport error") does not
-/// say what rustls refused.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Reflection describes every service the server offers, so grpcurl and buf need no files.

@@ -11,6 +11,7 @@ use tonic::{Request, Status};
 use super::{BenchError, TargetArgs};
 use crate::auth::credentials::MAX_CREDENTIAL_BYTES;
 use crate::auth::{GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
+use crate::error_chain;
 
 /// The metadata attached to every call of one simulated client: development identity
 /// headers (the server's default mode) or a bearer token. Values are built once, so a call
@@ -125,20 +126,6 @@ pub async fn connect(target: &TargetArgs, count: u32) -> Result<Vec<Channel>, Be
         channels.push(channel);
     }
     Ok(channels)
-}
-
-/// An error and its causes on one line ("transport error" alone says nothing).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

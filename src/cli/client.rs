@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::auth::credentials::{AUTHORIZATION_HEADER, MAX_CREDENTIAL_BYTES};
 use crate::auth::{GROUPS_HEADER, KIND_HEADER, PRINCIPAL_HEADER};
+use crate::error_chain;
 use crate::tls;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
@@ -365,21 +366,6 @@ fn is_loopback(endpoint: &Endpoint) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// An error and its causes on one line: tonic's own message ("transport error") alone
-/// does not tell a person that the connection was refused.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]
