@@ -247,15 +247,19 @@ impl BlobFiles {
             else {
                 continue;
             };
-            let file = match std::fs::File::open(entry.path()) {
-                Ok(file) => file,
+            // Only the length is read on every flush; a file is opened only to sync it.
+            let len = match entry.metadata() {
+                Ok(metadata) => metadata.len(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            let len = file.metadata()?.len();
             let known = synced.get(&position).copied();
             if known != Some(len) {
-                file.sync_all()?;
+                match std::fs::File::open(entry.path()) {
+                    Ok(file) => file.sync_all()?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
                 new_name |= known.is_none();
                 #[cfg(test)]
                 self.synced_files
