@@ -136,6 +136,24 @@ fn large_events_written_as_sled_blob_files_are_synced_with_their_batch() -> Test
     };
     for i in 1..=24 {
         log.append(vec![large(i)])?;
+        // Once append returns, every blob file on disk was synced as it is now.
+        let mut unsynced = Vec::new();
+        for entry in std::fs::read_dir(dir.path().join("blobs"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let len = entry.metadata()?.len();
+            let known = name
+                .parse::<u64>()
+                .ok()
+                .and_then(|position| log.blobs.synced.lock().ok()?.get(&position).copied());
+            if known != Some(len) {
+                unsynced.push(name);
+            }
+        }
+        assert!(
+            unsynced.is_empty(),
+            "after append {i}: {unsynced:?} not synced"
+        );
     }
     let on_disk = std::fs::read_dir(dir.path().join("blobs"))?.count() as u64;
 
