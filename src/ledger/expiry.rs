@@ -18,6 +18,9 @@ use crate::workflow::{ActionCommand, Actions};
 /// Upper bound on one sleep, so a clock step (NTP) delays an expiry by at most this much.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 
+/// How long to wait before handing over more expiries when the writer's queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(20);
+
 pub(super) async fn run(
     state: Arc<RwLock<Actions>>,
     commands: mpsc::WeakSender<Command>,
@@ -30,11 +33,6 @@ pub(super) async fn run(
             (state.due_for_expiry(now), state.next_expiry())
         };
         if !due.is_empty() {
-            // A strong sender only while submitting: when the ledger is dropped the upgrade
-            // fails and the timer ends, so it never keeps the writer alive.
-            let Some(sender) = commands.upgrade() else {
-                return;
-            };
             for action_id in due {
                 let (reply, answer) = oneshot::channel();
                 let command = Command::Act {
@@ -43,8 +41,22 @@ pub(super) async fn run(
                     time: now,
                     reply,
                 };
-                if sender.send(command).await.is_err() {
-                    return;
+                // A strong sender only for the moment of handing over, never across an
+                // await: dropping the ledger joins the writer, which stops only once every
+                // sender is gone, so a timer holding one while it waits (for queue space or
+                // for the answer) would hang the stop for good.
+                let handed = match commands.upgrade() {
+                    Some(sender) => sender.try_send(command),
+                    None => return,
+                };
+                match handed {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        // The writer is busy; the due list is read again after a pause.
+                        tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
                 match answer.await {
                     Ok(Err(
@@ -77,5 +89,88 @@ pub(super) async fn run(
         if commands.strong_count() == 0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::bench::{CheckPath, sample_check};
+    use crate::policy::PolicySet;
+    use crate::workflow::ActionEvent;
+    use crate::workflow::record::EventContext;
+
+    /// The state with one pending action that fell due a minute ago.
+    fn one_due_action() -> (Arc<RwLock<Actions>>, Uuid) {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let policies = PolicySet::load_dir(&shipped).unwrap();
+        let mut check = sample_check(&policies, CheckPath::Pending, 0).unwrap();
+        check.evaluated.expires_at = Some(Utc::now() - chrono::Duration::minutes(1));
+        let mut actions = Actions::default();
+        let at = |sequence| EventContext {
+            sequence,
+            time: check.time,
+            action_id: check.action_id,
+        };
+        let requested = ActionEvent::Requested(Box::new(check.requested));
+        let evaluated = ActionEvent::Evaluated(Box::new(check.evaluated));
+        actions.apply(at(1), &requested).unwrap();
+        actions.apply(at(2), &evaluated).unwrap();
+        assert_eq!(actions.due_for_expiry(Utc::now()), vec![check.action_id]);
+        (Arc::new(RwLock::new(actions)), check.action_id)
+    }
+
+    /// The ledger's own sender must be the last: dropping the ledger joins the writer,
+    /// which ends when the queue closes. With the server on one runtime thread, a timer
+    /// holding a sender while it awaited the answer hung the stop for good.
+    #[tokio::test]
+    async fn waiting_for_the_writers_answer_the_timer_holds_no_sender() {
+        let (state, due) = one_due_action();
+        let (sender, mut queue) = mpsc::channel(4);
+        let timer = tokio::spawn(run(state, sender.downgrade(), Arc::new(Notify::new())));
+
+        let Some(Command::Act {
+            action_id,
+            command: ActionCommand::Expire,
+            reply,
+            ..
+        }) = queue.recv().await
+        else {
+            panic!("the timer did not hand over an expiry");
+        };
+        assert_eq!(action_id, due);
+        assert_eq!(sender.strong_count(), 1, "the timer kept a sender");
+        drop(sender);
+        assert!(queue.recv().await.is_none(), "the queue did not close");
+        // A writer that stopped without answering ends the timer.
+        drop(reply);
+        timer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_the_queue_full_the_timer_holds_no_sender_and_hands_over_once_there_is_room() {
+        let (state, due) = one_due_action();
+        let (sender, mut queue) = mpsc::channel(1);
+        let (filler_reply, _) = oneshot::channel();
+        let filler = Command::Record {
+            events: Vec::new(),
+            reply: filler_reply,
+        };
+        sender.try_send(filler).unwrap();
+        let timer = tokio::spawn(run(state, sender.downgrade(), Arc::new(Notify::new())));
+
+        tokio::time::sleep(QUEUE_FULL_PAUSE * 3).await;
+        assert_eq!(sender.strong_count(), 1, "the timer kept a sender");
+        assert!(matches!(queue.recv().await, Some(Command::Record { .. })));
+        let handed = tokio::time::timeout(Duration::from_secs(10), queue.recv()).await;
+        assert!(
+            matches!(handed, Ok(Some(Command::Act { action_id, .. })) if action_id == due),
+            "the expiry was not handed over once the queue had room"
+        );
+        timer.abort();
     }
 }

@@ -457,8 +457,10 @@ impl Ledger {
 
 impl Drop for Ledger {
     fn drop(&mut self) {
-        // Closing the queue ends the writer's loop after the queued commands; the expiry
-        // timer holds only a weak sender and stops when woken.
+        // Closing the queue ends the writer's loop after the queued commands. This sender
+        // must be the last one: the join below blocks the thread dropping the ledger, often
+        // a runtime thread, so the expiry timer (a weak sender, stopped when woken) never
+        // holds a strong one across an await.
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.commands, closed));
         self.expiry_wakeup.notify_one();

@@ -26,6 +26,44 @@ pub fn shipped_policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
 
+/// Aborts the test binary, saying what hung, if dropped later than [`Watchdog::LIMIT`]
+/// after it was made. The test's server shares the test's runtime thread: anything that
+/// blocks that thread also stops every tokio timeout, and the hang would otherwise last
+/// until CI's own limit with nothing said about where.
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    pub const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    pub fn new(what: &'static str) -> Watchdog {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                finished.recv_timeout(Self::LIMIT)
+            {
+                // Straight to stderr: the test harness's capture dies with the process.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "WATCHDOG: {what} took longer than {:?}; aborting the test binary",
+                    Self::LIMIT
+                );
+                std::process::abort();
+            }
+        });
+        Watchdog { done: Some(done) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Disconnecting ends the watchdog thread.
+        self.done.take();
+    }
+}
+
 /// A data directory that outlives server restarts within one test.
 pub struct TestServer {
     pub data: TempDir,
@@ -81,6 +119,7 @@ impl TestServer {
             auth,
             tls,
         };
+        let _watchdog = Watchdog::new("starting the server");
         server.running = Some(server::start(server.config()).await?);
         Ok(server)
     }
@@ -97,12 +136,14 @@ impl TestServer {
     /// Stops the server if it runs, then starts it again on the same data directory.
     pub async fn restart(&mut self) {
         self.stop().await;
+        let _watchdog = Watchdog::new("starting the server");
         let running = server::start(self.config()).await.expect("server starts");
         self.running = Some(running);
     }
 
     pub async fn stop(&mut self) {
         if let Some(running) = self.running.take() {
+            let _watchdog = Watchdog::new("stopping the server");
             running.stop().await.expect("server stops cleanly");
         }
     }
