@@ -479,7 +479,7 @@ async fn with_credentials_a_non_loopback_address_is_refused_because_tls_is_missi
         mtls: None,
         base_dir: dir.path().to_path_buf(),
     };
-    let err = countersign::server::start(config)
+    let err = common::try_start_server(config)
         .await
         .err()
         .expect("refused");

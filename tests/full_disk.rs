@@ -147,7 +147,7 @@ async fn a_full_disk_makes_checks_unavailable_and_loses_nothing_recorded() {
     // On a disk with room, the same log opens, verifies, and holds every recorded action.
     let mut config = countersign::config::ServerConfig::new(&preserved, common::shipped_policies());
     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let restarted = countersign::server::start(config).await.expect("restarts");
+    let restarted = common::start_server(config).await;
     let channel = common::channel_to(restarted.local_addr()).await;
     let mut audit =
         AuditServiceClient::with_interceptor(channel.clone(), Caller::human("auditor", "auditors"));
@@ -179,5 +179,5 @@ async fn a_full_disk_makes_checks_unavailable_and_loses_nothing_recorded() {
         .expect("writes work again after the restart")
         .into_inner();
     assert_eq!(after.status(), ActionStatus::Allowed);
-    restarted.stop().await.unwrap();
+    common::stop_server(restarted).await;
 }

@@ -21,7 +21,7 @@ use countersign::proto::action_gate_client::ActionGateClient;
 use countersign::proto::audit_service_client::AuditServiceClient;
 use countersign::proto::review_service_client::ReviewServiceClient;
 use countersign::proto::{self, ActionStatus, Verdict};
-use countersign::server::{self, RunningServer};
+use countersign::server::RunningServer;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -231,11 +231,9 @@ impl Harness {
 
     async fn restart(&mut self) {
         if let Some(server) = self.server.take() {
-            server.stop().await.expect("server stops cleanly");
+            common::stop_server(server).await;
         }
-        let server = server::start(config(&self.data, &self.endpoints))
-            .await
-            .expect("server starts");
+        let server = common::start_server(config(&self.data, &self.endpoints)).await;
         self.server = Some(server);
     }
 
@@ -837,7 +835,7 @@ async fn slack_interactivity_beyond_loopback_needs_tls() {
     if let Some(slack) = config.notify.slack.as_mut() {
         slack.interactivity_listen = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
     }
-    let err = server::start(config)
+    let err = common::try_start_server(config)
         .await
         .err()
         .expect("refused")
@@ -888,7 +886,7 @@ async fn with_tls_slack_interactivity_is_served_over_https_with_the_servers_cert
         cert: data.path().join("server.pem"),
         key: data.path().join("server-key.pem"),
     });
-    let server = server::start(config).await.expect("server starts");
+    let server = common::start_server(config).await;
     let interactivity = server.slack_interactivity_addr().unwrap();
 
     let payload = click(
@@ -925,5 +923,5 @@ async fn with_tls_slack_interactivity_is_served_over_https_with_the_servers_cert
     assert!(received[0].json().to_string().contains("Unknown action"));
     // Plaintext gets nowhere on the TLS listener.
     assert!(signed(reqwest::Client::new(), "http").await.is_err());
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
 }

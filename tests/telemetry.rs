@@ -13,7 +13,7 @@ use countersign::config::ServerConfig;
 use countersign::proto::action_gate_client::ActionGateClient;
 use countersign::proto::review_service_client::ReviewServiceClient;
 use countersign::proto::{self, ActionStatus, Verdict};
-use countersign::server::{self, RunningServer};
+use countersign::server::RunningServer;
 use countersign::telemetry::export::ExportSettings;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -181,9 +181,7 @@ fn config(data: &TempDir, otlp: SocketAddr) -> ServerConfig {
 }
 
 async fn start(data: &TempDir, otlp: SocketAddr) -> RunningServer {
-    server::start(config(data, otlp))
-        .await
-        .expect("server starts")
+    common::start_server(config(data, otlp)).await
 }
 
 type Gate = ActionGateClient<
@@ -378,7 +376,7 @@ async fn the_action_span_is_a_child_of_the_callers_span_and_tells_the_actions_hi
         services.iter().all(|s| s == "countersign-under-test"),
         "{services:?}"
     );
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
 }
 
 #[tokio::test]
@@ -405,7 +403,7 @@ async fn without_a_traceparent_an_action_starts_its_own_trace_named_in_the_respo
     assert!(action.parent_span_id.is_empty(), "a root span");
     assert_eq!(string_attribute(action, "countersign.status"), "allowed");
     assert!(ids.iter().all(|id| id != &checked.action_id));
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
 }
 
 #[tokio::test]
@@ -425,7 +423,7 @@ async fn a_burst_while_the_collector_is_down_arrives_once_it_is_up() {
         })
         .await;
     assert!(spans.len() >= ids.len());
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
 }
 
 #[tokio::test]
@@ -435,7 +433,7 @@ async fn after_a_restart_no_action_is_left_unexported() {
     // Recorded while no collector listens, then the server stops.
     let server = start(&data, otlp).await;
     let before = allowed_actions(&mut gate(&server).await, 10).await;
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
 
     let (collector, _) = RunningReceiver::start(otlp).await;
     let server = start(&data, otlp).await;
@@ -451,7 +449,7 @@ async fn after_a_restart_no_action_is_left_unexported() {
         .await;
 
     // Once accepted, the cursor moved: a second restart sends nothing again.
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
     let exported = collector.spans().len();
     let server = start(&data, otlp).await;
     allowed_actions(&mut gate(&server).await, 1).await;
@@ -459,7 +457,7 @@ async fn after_a_restart_no_action_is_left_unexported() {
         .wait_for("the new action's span", |s| action_spans(s).len() == 16)
         .await;
     assert_eq!(spans.len(), exported + 1, "nothing was exported twice");
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
 }
 
 /// `GET path` on the metrics listener; the status line and the body.
@@ -490,7 +488,7 @@ async fn prometheus_metrics_and_status_show_decisions_pending_work_and_export_la
     let data = tempfile::tempdir().unwrap();
     let mut config = config(&data, otlp);
     config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let server = server::start(config).await.unwrap();
+    let server = common::start_server(config).await;
     let metrics = server.metrics_addr().expect("metrics are served");
 
     let mut gate = gate(&server).await;
@@ -542,7 +540,7 @@ async fn prometheus_metrics_and_status_show_decisions_pending_work_and_export_la
 
     let (not_found, _) = http_get(metrics, "/other").await;
     assert!(not_found.contains("404"), "{not_found}");
-    server.stop().await.unwrap();
+    common::stop_server(server).await;
 }
 
 #[tokio::test]
@@ -551,7 +549,10 @@ async fn metrics_are_never_served_beyond_loopback() {
     let mut config = ServerConfig::new(data.path().join("log"), common::shipped_policies());
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.metrics_listen = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let refused = server::start(config).await.err().expect("refused");
+    let refused = common::try_start_server(config)
+        .await
+        .err()
+        .expect("refused");
     assert!(
         refused
             .to_string()
@@ -638,7 +639,7 @@ mod otlp_metrics {
         allowed_actions(&mut gate(&server).await, 2).await;
         for _ in 0..500 {
             if decisions(&receiver.requests.lock().unwrap(), "allowed") == Some(2) {
-                server.stop().await.unwrap();
+                common::stop_server(server).await;
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -724,7 +724,7 @@ async fn with_tls_and_authentication_the_server_listens_on_every_interface() {
     config.listen = "0.0.0.0:0".parse().unwrap();
     config.auth = pki.mtls_only();
     config.tls = Some(pki.tls());
-    let running = countersign::server::start(config)
+    let running = common::try_start_server(config)
         .await
         .expect("TLS + authentication may listen beyond loopback");
     let address = SocketAddr::from(([127, 0, 0, 1], running.local_addr().port()));
@@ -734,7 +734,7 @@ async fn with_tls_and_authentication_the_server_listens_on_every_interface() {
         .await
         .expect("check over TLS");
     assert_eq!(checked.status(), ActionStatus::Pending);
-    running.stop().await.expect("stops");
+    common::stop_server(running).await;
 }
 
 #[tokio::test]
@@ -763,7 +763,7 @@ async fn beyond_loopback_start_refuses_in_one_line_naming_what_is_missing() {
         config.listen = "0.0.0.0:0".parse().unwrap();
         config.auth = auth;
         config.tls = tls;
-        let err = countersign::server::start(config)
+        let err = common::try_start_server(config)
             .await
             .err()
             .expect("refused");

@@ -64,6 +64,23 @@ impl Drop for Watchdog {
     }
 }
 
+/// Starts the server in this test's runtime, under a [`Watchdog`]; it must start.
+pub async fn start_server(config: ServerConfig) -> RunningServer {
+    try_start_server(config).await.expect("server starts")
+}
+
+/// Starts the server in this test's runtime, under a [`Watchdog`].
+pub async fn try_start_server(config: ServerConfig) -> Result<RunningServer, server::ServeError> {
+    let _watchdog = Watchdog::new("starting the server");
+    server::start(config).await
+}
+
+/// Stops the server under a [`Watchdog`]; it must stop cleanly.
+pub async fn stop_server(running: RunningServer) {
+    let _watchdog = Watchdog::new("stopping the server");
+    running.stop().await.expect("server stops cleanly");
+}
+
 /// A data directory that outlives server restarts within one test.
 pub struct TestServer {
     pub data: TempDir,
@@ -119,8 +136,7 @@ impl TestServer {
             auth,
             tls,
         };
-        let _watchdog = Watchdog::new("starting the server");
-        server.running = Some(server::start(server.config()).await?);
+        server.running = Some(try_start_server(server.config()).await?);
         Ok(server)
     }
 
@@ -136,15 +152,12 @@ impl TestServer {
     /// Stops the server if it runs, then starts it again on the same data directory.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let _watchdog = Watchdog::new("starting the server");
-        let running = server::start(self.config()).await.expect("server starts");
-        self.running = Some(running);
+        self.running = Some(start_server(self.config()).await);
     }
 
     pub async fn stop(&mut self) {
         if let Some(running) = self.running.take() {
-            let _watchdog = Watchdog::new("stopping the server");
-            running.stop().await.expect("server stops cleanly");
+            stop_server(running).await;
         }
     }
 
