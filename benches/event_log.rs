@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use countersign::bench::{CheckPath, sample_check};
-use countersign::ledger::Ledger;
+use countersign::ledger::{Ledger, LedgerOptions};
 use countersign::policy::PolicySet;
 use countersign::store::{EventLog, NewEvent};
-use countersign::workflow::DecisionTimes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
 
@@ -77,7 +76,7 @@ fn record_checks(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for in_flight in [1u64, 64, 512] {
         let dir = tempfile::tempdir().unwrap();
-        let (ledger, _) = Ledger::open(dir.path(), DecisionTimes::default()).unwrap();
+        let (ledger, _) = Ledger::open(dir.path(), LedgerOptions::default()).unwrap();
         let ledger = Arc::new(ledger);
         group.bench_function(
             BenchmarkId::from_parameter(format!("in_flight={in_flight}")),

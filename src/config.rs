@@ -26,6 +26,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Concurrent HTTP/2 streams per connection; more wait in the client.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
 
+/// The most settled records `limits.settled_in_memory` may keep in full: about 2.6 GB.
+pub const MAX_SETTLED_IN_MEMORY: usize = 1_000_000;
+
 /// The longest one AwaitDecision call waits; clients call again while not final.
 pub const DEFAULT_MAX_AWAIT: Duration = Duration::from_secs(60);
 
@@ -44,6 +47,8 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     pub max_await: Duration,
     pub reviewer_stall_timeout: Duration,
+    /// Settled action records kept in full in memory; older ones are read from the log.
+    pub settled_in_memory: usize,
     pub auth: AuthSettings,
     pub roles: RolesConfig,
     /// Where the event log is exported as spans (and metrics pushed); `None`: not at all.
@@ -116,6 +121,7 @@ impl ServerConfig {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_await: DEFAULT_MAX_AWAIT,
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
+            settled_in_memory: crate::ledger::DEFAULT_SETTLED_IN_MEMORY,
             auth: AuthSettings::Development,
             tls: None,
             roles: RolesConfig::default(),
@@ -233,6 +239,8 @@ pub struct LimitsSection {
     pub max_await: Option<String>,
     /// How long a reviewer stream's client may leave its buffer full (e.g. `3s`).
     pub reviewer_stall_timeout: Option<String>,
+    /// Settled action records kept in full in memory (pending ones always are).
+    pub settled_in_memory: Option<usize>,
 }
 
 impl ConfigFile {
@@ -334,6 +342,16 @@ pub fn resolve(
                 });
             }
             config.max_concurrent_streams = v;
+        }
+        if let Some(v) = file.limits.settled_in_memory {
+            if v > MAX_SETTLED_IN_MEMORY {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "limits.settled_in_memory",
+                    problem: format!("must be at most {MAX_SETTLED_IN_MEMORY} (about 2.6 KB each)"),
+                });
+            }
+            config.settled_in_memory = v;
         }
         let telemetry = file.telemetry;
         if let Some(name) = &telemetry.service_name
@@ -469,6 +487,30 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/countersign"));
         assert_eq!(config.policies, PathBuf::from(DEFAULT_POLICIES));
         assert_eq!(config.times.default_pending_ttl, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn settled_records_in_memory_are_bounded() {
+        let resolved = |text: &str| {
+            let file: ConfigFile = toml::from_str(text).unwrap();
+            resolve(Some((Path::new("c.toml"), file)), Overrides::default())
+        };
+        assert_eq!(
+            resolved("").unwrap().settled_in_memory,
+            crate::ledger::DEFAULT_SETTLED_IN_MEMORY
+        );
+        assert_eq!(
+            resolved("[limits]\nsettled_in_memory = 0")
+                .unwrap()
+                .settled_in_memory,
+            0
+        );
+        let err = resolved("[limits]\nsettled_in_memory = 1000001").unwrap_err();
+        assert!(
+            err.to_string().contains("limits.settled_in_memory"),
+            "{err}"
+        );
+        assert!(toml::from_str::<ConfigFile>("[limits]\nsettled_in_memory = -1").is_err());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::auth::{
 use crate::config::{AuthSettings, ServerConfig};
 use crate::error_chain;
 use crate::ledger::follower::Progress;
-use crate::ledger::{Ledger, LedgerError, ReplayReport};
+use crate::ledger::{Ledger, LedgerError, LedgerOptions, ReplayReport};
 use crate::policy::{PolicyError, PolicySet};
 use crate::proto;
 use crate::proto::action_gate_server::ActionGateServer;
@@ -216,8 +216,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     );
 
     let data_dir = config.data_dir.clone();
-    let times = config.times;
-    let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir, times))
+    let options = LedgerOptions {
+        times: config.times,
+        settled_in_memory: config.settled_in_memory,
+    };
+    let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir, options))
         .await
         .map_err(|e| ServeError::Startup(e.to_string()))??;
     log_replay(&config, &replay);
@@ -469,6 +472,10 @@ fn status_document(
     };
     let sample = metrics.sample();
     let refusal = ledger.write_refusal().map(|e| e.to_string());
+    let (known, in_memory) = {
+        let actions = ledger.actions();
+        (actions.len(), actions.hot_count())
+    };
     serde_json::json!({
         "serving": refusal.is_none(),
         "write_refusal": refusal,
@@ -477,6 +484,11 @@ fn status_document(
             "applied_sequence": ledger.actions().applied_sequence(),
         },
         "policy_version": policies.get().version(),
+        "actions": {
+            "known": known,
+            // The rest are settled and read back from the log when asked for.
+            "records_in_memory": in_memory,
+        },
         "pending_actions": sample.pending_actions,
         "await_waiters": sample.await_waiters,
         "reviewer_streams": sample.reviewer_streams,
@@ -554,6 +566,7 @@ fn log_replay(config: &ServerConfig, replay: &ReplayReport) {
         data_dir = %config.data_dir.display(),
         events = replay.events,
         actions = replay.actions,
+        records_in_memory = replay.records_in_memory,
         head_sequence = replay.verification.head_sequence,
         head_hash = %hex::encode(replay.verification.head_hash),
         open_ms = replay.open_took.as_millis() as u64,

@@ -460,22 +460,6 @@ async fn after_a_restart_no_action_is_left_unexported() {
     common::stop_server(server).await;
 }
 
-/// `GET path` on the metrics listener; the status line and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
 /// Prometheus metric lines, minus comments.
 fn samples(text: &str) -> Vec<&str> {
     text.lines().filter(|l| !l.starts_with('#')).collect()
@@ -507,7 +491,7 @@ async fn prometheus_metrics_and_status_show_decisions_pending_work_and_export_la
         .into_inner();
     assert_eq!(pending.status(), ActionStatus::Pending);
 
-    let (status_line, text) = http_get(metrics, "/metrics").await;
+    let (status_line, text) = common::http_get(metrics, "/metrics").await;
     assert!(status_line.contains("200"), "{status_line}");
     let lines = samples(&text);
     for expected in [
@@ -528,17 +512,19 @@ async fn prometheus_metrics_and_status_show_decisions_pending_work_and_export_la
     let count: u64 = flushes.rsplit(' ').next().unwrap().parse().unwrap();
     assert!((1..=4).contains(&count), "{flushes}");
 
-    let (_, status) = http_get(metrics, "/status").await;
+    let (_, status) = common::http_get(metrics, "/status").await;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["serving"], true);
     assert_eq!(status["log"]["head_sequence"], 8);
     assert_eq!(status["pending_actions"], 1);
+    assert_eq!(status["actions"]["known"], 4);
+    assert_eq!(status["actions"]["records_in_memory"], 4);
     assert_eq!(status["policy_version"], pending.policy_version.as_str());
     assert_eq!(status["span_export"]["exported_through"], 0);
     assert_eq!(status["span_export"]["lag_events"], 8);
     assert!(status["span_export"]["lag_seconds"].as_f64().unwrap() >= 0.0);
 
-    let (not_found, _) = http_get(metrics, "/other").await;
+    let (not_found, _) = common::http_get(metrics, "/other").await;
     assert!(not_found.contains("404"), "{not_found}");
     common::stop_server(server).await;
 }

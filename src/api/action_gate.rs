@@ -108,18 +108,17 @@ impl ActionGate for ActionGateApi {
 
         // An idempotent retry is answered from the state without evaluating again; the
         // ledger re-checks, so two racing first attempts still make one action.
-        if !action.idempotency_key.is_empty() {
-            let actions = ledger.actions();
-            if let Some(existing) =
-                actions.by_idempotency_key(&principal.id, &action.idempotency_key)
-            {
-                if existing.action_digest != digest {
-                    return Err(status::ledger(LedgerError::IdempotencyConflict {
-                        existing: existing.id,
-                    }));
-                }
-                return Ok(Response::new(convert::check_response(existing)));
+        if !action.idempotency_key.is_empty()
+            && let Some(existing) = ledger
+                .by_idempotency_key(&principal.id, &action.idempotency_key)
+                .map_err(status::ledger)?
+        {
+            if existing.action_digest != digest {
+                return Err(status::ledger(LedgerError::IdempotencyConflict {
+                    existing: existing.id,
+                }));
             }
+            return Ok(Response::new(convert::check_response(&existing)));
         }
 
         let now = Utc::now();
@@ -195,17 +194,17 @@ impl ActionGate for ActionGateApi {
             .map(|w| validate::duration("wait", w))
             .transpose()
             .map_err(status::invalid)?;
-        {
-            let actions = self.core.ledger.actions();
-            let record = actions
-                .get(&id)
-                .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
-            if record.requester.id != principal.id && !grants.waits_on_any_action() {
-                return Err(refuser.permission_denied(format!(
-                    "action {id} belongs to {}; a caller may wait only on its own actions",
-                    record.requester.id
-                )));
-            }
+        let requester = self
+            .core
+            .ledger
+            .actions()
+            .requester_of(&id)
+            .map(str::to_owned)
+            .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
+        if requester != principal.id && !grants.waits_on_any_action() {
+            return Err(refuser.permission_denied(format!(
+                "action {id} belongs to {requester}; a caller may wait only on its own actions"
+            )));
         }
         // Answer a little before the client gives up, so it gets the status rather than
         // DEADLINE_EXCEEDED, and can simply call again.
@@ -220,10 +219,8 @@ impl ActionGate for ActionGateApi {
             () = self.core.stopped() => self
                 .core
                 .ledger
-                .actions()
-                .get(&id)
-                .cloned()
-                .ok_or(LedgerError::NotFound(id)),
+                .action(&id)
+                .and_then(|record| record.ok_or(LedgerError::NotFound(id))),
         }
         .map_err(status::ledger)?;
         Ok(Response::new(proto::AwaitDecisionResponse {

@@ -11,6 +11,7 @@ use crate::auth;
 use crate::proto;
 use crate::proto::review_service_server::ReviewService;
 use crate::workflow::ActionCommand;
+use crate::workflow::record::ListFilter;
 
 pub struct ReviewApi {
     core: Arc<Core>,
@@ -82,9 +83,11 @@ impl ReviewService for ReviewApi {
         let refuser = auth::Refuser::of(&request);
         let id = validate::action_id("action_id", &request.get_ref().action_id)
             .map_err(status::invalid)?;
-        let actions = self.core.ledger.actions();
-        let record = actions
-            .get(&id)
+        let record = self
+            .core
+            .ledger
+            .action(&id)
+            .map_err(status::ledger)?
             .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
         if record.requester.id != principal.id && !grants.reads_all_actions() {
             return Err(refuser.permission_denied(format!(
@@ -92,7 +95,7 @@ impl ReviewService for ReviewApi {
             )));
         }
         Ok(Response::new(proto::GetActionResponse {
-            action: Some(convert::action_record(record)),
+            action: Some(convert::action_record(&record)),
         }))
     }
 
@@ -121,31 +124,24 @@ impl ReviewService for ReviewApi {
             ));
         };
 
-        let actions = self.core.ledger.actions();
-        let mut page: Vec<proto::ActionRecord> = Vec::with_capacity(page_size);
-        let mut last_id = None;
-        let mut more = false;
-        for record in actions.newest_first(before) {
-            let matches = status_filter.is_none_or(|s| record.status == s)
-                && (requester.is_empty() || record.requester.id == requester)
-                && (body.action_type.is_empty()
-                    || record.request.action.action_type == body.action_type);
-            if !matches {
-                continue;
-            }
-            if page.len() == page_size {
-                more = true;
-                break;
-            }
-            last_id = Some(record.id);
-            page.push(convert::action_record(record));
-        }
+        let filter = ListFilter {
+            status: status_filter,
+            requester_id: requester,
+            action_type: body.action_type,
+        };
+        // Settled actions no longer in memory are read from the log: off the runtime.
+        let ledger = self.core.ledger.clone();
+        let (records, more) =
+            tokio::task::spawn_blocking(move || ledger.list_actions(&filter, before, page_size))
+                .await
+                .map_err(|_| Status::internal("listing the actions was interrupted"))?
+                .map_err(status::ledger)?;
         Ok(Response::new(proto::ListActionsResponse {
-            actions: page,
-            next_page_token: match (more, last_id) {
-                (true, Some(id)) => id.to_string(),
+            next_page_token: match (more, records.last()) {
+                (true, Some(last)) => last.id.to_string(),
                 _ => String::new(),
             },
+            actions: records.iter().map(convert::action_record).collect(),
         }))
     }
 }

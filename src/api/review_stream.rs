@@ -185,7 +185,7 @@ impl ReviewerStream {
             ) else {
                 continue;
             };
-            let Some(record) = self.core.ledger.actions().get(&action_id).cloned() else {
+            let Ok(Some(record)) = self.core.ledger.action(&action_id) else {
                 continue;
             };
             if let Some(message) = self.message(event.sequence, &decoded, &record) {

@@ -21,6 +21,7 @@ pub fn ledger(error: LedgerError) -> Status {
         LedgerError::Refused(Refusal::PermissionDenied(why)) => Status::permission_denied(why),
         LedgerError::Refused(Refusal::FailedPrecondition(why)) => Status::failed_precondition(why),
         LedgerError::WriteFailed(_)
+        | LedgerError::ReadFailed(_)
         | LedgerError::Poisoned(_)
         | LedgerError::Stopped
         | LedgerError::Open(_) => Status::unavailable(error.to_string()),

@@ -21,8 +21,8 @@ use super::load::{Mix, Path};
 use crate::api::validate;
 use crate::config::{self, ServerConfig};
 use crate::domain::{OnBehalfOfSource, Principal, PrincipalKind};
-use crate::ledger::Ledger;
 use crate::ledger::NewCheck;
+use crate::ledger::{Ledger, LedgerOptions};
 use crate::policy::{EvaluationInput, PolicySet};
 use crate::workflow::{ActionRequested, DecisionTimes, action_digest, evaluate_check};
 
@@ -89,7 +89,7 @@ struct StartupReport {
 pub fn fill(args: &FillLogArgs) -> Result<(), BenchError> {
     let policies = PolicySet::load_dir(&args.policies)
         .map_err(|e| BenchError::Usage(format!("policies: {e}")))?;
-    let (ledger, replay) = Ledger::open(&args.data_dir, DecisionTimes::default())
+    let (ledger, replay) = Ledger::open(&args.data_dir, LedgerOptions::default())
         .map_err(|e| BenchError::Failed(e.to_string()))?;
     if let Some(problem) = replay.integrity_problem {
         return Err(BenchError::Failed(format!(

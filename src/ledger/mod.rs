@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use crate::domain::RiskLevel;
 use crate::store::{EventLog, NewEvent, RawEvent, StoreError, StoredEvent, VerifyReport};
-use crate::workflow::record::EventContext;
+use crate::workflow::record::{EventContext, ListFilter, Listed, Lookup};
 use crate::workflow::{
     ActionCommand, ActionEvent, ActionRecord, ActionRequested, ActionStatus, Actions,
     DecisionTimes, PolicyEvaluated, Refusal,
@@ -58,6 +58,29 @@ const QUEUE_CAPACITY: usize = 8192;
 const FEED_CAPACITY: usize = 4096;
 
 pub use crate::workflow::SERVER_ACTOR;
+
+/// Settled records kept in full in memory unless configured otherwise: enough for the
+/// span exporter, notification channels and reviewers to read recent actions without
+/// touching the disk, about 26 MB.
+pub const DEFAULT_SETTLED_IN_MEMORY: usize = 10_000;
+
+/// How the ledger decides, and how much it keeps in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerOptions {
+    pub times: DecisionTimes,
+    /// Settled records kept in full; older ones are read back from the log when asked
+    /// for. Pending records always stay in memory.
+    pub settled_in_memory: usize,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            times: DecisionTimes::default(),
+            settled_in_memory: DEFAULT_SETTLED_IN_MEMORY,
+        }
+    }
+}
 
 /// What the ledger reports as it commits, for metrics. Called on the writer thread after
 /// a batch is durable and visible: implementations must be quick and must not block.
@@ -87,6 +110,8 @@ pub enum LedgerError {
     IdempotencyConflict { existing: Uuid },
     #[error("no action with id {0}")]
     NotFound(Uuid),
+    #[error("the event log cannot be read ({0}); try again, and tell an operator if it persists")]
+    ReadFailed(String),
     #[error("{0}")]
     Refused(Refusal),
     #[error("countersign is shutting down")]
@@ -159,6 +184,8 @@ enum Command {
 pub struct ReplayReport {
     pub events: u64,
     pub actions: usize,
+    /// Of those, the ones whose full record is in memory (pending and recently settled).
+    pub records_in_memory: usize,
     pub verification: VerifyReport,
     /// Set when the log cannot be trusted; the ledger then refuses writes.
     pub integrity_problem: Option<String>,
@@ -221,6 +248,14 @@ impl Health {
         })
     }
 
+    /// Refuses writes from now on if `error` shows the log was changed behind the ledger.
+    fn noticed(&self, error: &LedgerError) {
+        if let LedgerError::IntegrityFailure(problem) = error {
+            tracing::error!(%problem, "the event log no longer verifies; refusing all further writes");
+            self.refuse(WriteRefusal::Integrity(problem.clone()));
+        }
+    }
+
     fn refuse(&self, why: WriteRefusal) {
         *self.refusal.lock() = Some(why);
         self.refusing.store(true, Ordering::Release);
@@ -236,8 +271,12 @@ impl Ledger {
     /// trusted to decide anything.
     pub fn open(
         data_dir: &Path,
-        times: DecisionTimes,
+        options: LedgerOptions,
     ) -> Result<(Ledger, ReplayReport), LedgerError> {
+        let LedgerOptions {
+            times,
+            settled_in_memory,
+        } = options;
         let started = std::time::Instant::now();
         let log = Arc::new(EventLog::open(data_dir)?);
         let open_took = started.elapsed();
@@ -246,13 +285,14 @@ impl Ledger {
         // typed events. Anything that does not check out sends start-up down the slow path:
         // what was folded is dropped, and the log is verified and walked event by event,
         // which locates the problem.
-        let mut actions = Actions::default();
+        let mut actions = Actions::with_hot_limit(settled_in_memory);
         let mut fold_problem = None;
         let checked = log.verify_and_replay(decode_for_replay, |_, decoded| {
             let folded = decoded.and_then(|decoded| fold_decoded(&mut actions, decoded));
             if let Err(problem) = folded {
                 fold_problem.get_or_insert(problem);
             }
+            actions.cool();
         });
         let (verification, events, integrity_problem) = match checked {
             Some(verification) => {
@@ -260,7 +300,7 @@ impl Ledger {
                 (verification, events, fold_problem)
             }
             None => {
-                actions = Actions::default();
+                actions = Actions::with_hot_limit(settled_in_memory);
                 let verification = log.verify();
                 let mut integrity_problem =
                     verification.problem.clone().filter(|_| !verification.ok);
@@ -273,6 +313,7 @@ impl Ledger {
                     if let Err(problem) = folded {
                         integrity_problem.get_or_insert(problem);
                     }
+                    actions.cool();
                 }
                 (verification, events, integrity_problem)
             }
@@ -285,6 +326,7 @@ impl Ledger {
         let report = ReplayReport {
             events,
             actions: actions.len(),
+            records_in_memory: actions.hot_count(),
             verification,
             integrity_problem,
             open_took,
@@ -405,18 +447,70 @@ impl Ledger {
             // Subscribing under the read lock: the writer publishes a new status only after
             // taking the write lock, so no change can slip between the read and the wait.
             let state = self.state.read();
-            let record = state.get(&id).ok_or(LedgerError::NotFound(id))?;
-            if record.status.is_final() {
-                return Ok(record.clone());
+            match state.lookup(&id).ok_or(LedgerError::NotFound(id))? {
+                Lookup::Hot(record) if !record.status.is_final() => {
+                    self.waiters.subscribe(id, record.status)
+                }
+                Lookup::Hot(record) => return Ok(record.clone()),
+                // Cold records are settled.
+                Lookup::Cold(sequences) => {
+                    let sequences = sequences.to_vec();
+                    drop(state);
+                    return self.load(id, &sequences);
+                }
             }
-            self.waiters.subscribe(id, record.status)
         };
         let _ = tokio::time::timeout(wait, status.wait_for(|s| s.is_final())).await;
-        self.state
-            .read()
-            .get(&id)
-            .cloned()
-            .ok_or(LedgerError::NotFound(id))
+        self.action(&id)?.ok_or(LedgerError::NotFound(id))
+    }
+
+    /// The action's record as it is now: from memory, or rebuilt from the log for a
+    /// settled action no longer held there (a few point reads).
+    pub fn action(&self, id: &Uuid) -> Result<Option<ActionRecord>, LedgerError> {
+        let sequences = match self.state.read().lookup(id) {
+            None => return Ok(None),
+            Some(Lookup::Hot(record)) => return Ok(Some(record.clone())),
+            Some(Lookup::Cold(sequences)) => sequences.to_vec(),
+        };
+        self.load(*id, &sequences).map(Some)
+    }
+
+    /// [`load_record`]; a log found damaged makes the ledger refuse writes, as at start-up.
+    fn load(&self, id: Uuid, sequences: &[u64]) -> Result<ActionRecord, LedgerError> {
+        load_record(&self.log, id, sequences).inspect_err(|e| self.health.noticed(e))
+    }
+
+    /// The action a requester's idempotency key names, if any.
+    pub fn by_idempotency_key(
+        &self,
+        requester_id: &str,
+        key: &str,
+    ) -> Result<Option<ActionRecord>, LedgerError> {
+        let id = self.state.read().by_idempotency_key(requester_id, key);
+        match id {
+            Some(id) => self.action(&id),
+            None => Ok(None),
+        }
+    }
+
+    /// One page of ListActions: up to `limit` matching actions, newest first, strictly
+    /// older than `before`; and whether more match. Reads the log for actions no longer in
+    /// memory, so call it off the async runtime for large pages.
+    pub fn list_actions(
+        &self,
+        filter: &ListFilter,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<(Vec<ActionRecord>, bool), LedgerError> {
+        let (listed, more) = self.state.read().list(filter, before, limit);
+        let records = listed
+            .into_iter()
+            .map(|listed| match listed {
+                Listed::Hot(record) => Ok(*record),
+                Listed::Cold { id, sequences } => self.load(id, &sequences),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((records, more))
     }
 
     /// Committed batches from now on. Together with [`Actions::applied_sequence`] read
@@ -472,6 +566,49 @@ impl Drop for Ledger {
             tracing::error!(error = %e, "final flush of the event log failed");
         }
     }
+}
+
+/// Rebuilds a settled action's record from its events in the log. Each event's own hash is
+/// checked; the chain as a whole was verified at start-up.
+fn load_record(log: &EventLog, id: Uuid, sequences: &[u64]) -> Result<ActionRecord, LedgerError> {
+    let mut events = Vec::with_capacity(sequences.len());
+    for &sequence in sequences {
+        let stored = match log.get(sequence) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => {
+                return Err(LedgerError::IntegrityFailure(format!(
+                    "event {sequence} of action {id} is not in the log"
+                )));
+            }
+            Err(StoreError::Read(e)) => {
+                return Err(LedgerError::ReadFailed(format!(
+                    "event {sequence} of action {id}: {e}"
+                )));
+            }
+            Err(e) => return Err(LedgerError::IntegrityFailure(e.to_string())),
+        };
+        let event = match ActionEvent::from_stored(&stored.kind, &stored.payload) {
+            Ok(Some(event)) if stored.action_id == Some(id) => event,
+            Ok(_) => {
+                return Err(LedgerError::IntegrityFailure(format!(
+                    "event {sequence} is listed for action {id} but is not one of its events"
+                )));
+            }
+            Err(e) => {
+                return Err(LedgerError::IntegrityFailure(format!(
+                    "event {sequence}: {e}"
+                )));
+            }
+        };
+        let at = EventContext {
+            sequence,
+            time: stored.time,
+            action_id: id,
+        };
+        events.push((at, event));
+    }
+    Actions::rebuild(id, events)
+        .map_err(|e| LedgerError::IntegrityFailure(format!("action {id} does not rebuild: {e}")))
 }
 
 /// An event decoded for replay: where it goes, and what it is (`None`: a kind the workflow

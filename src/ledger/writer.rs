@@ -11,10 +11,10 @@ use uuid::Uuid;
 use super::waiters::Waiters;
 use super::{
     CheckRecorded, Command, CommittedBatch, CommittedEvent, Health, LedgerError, LedgerObserver,
-    MAX_BATCH, NewCheck, WriteRefusal,
+    MAX_BATCH, NewCheck, WriteRefusal, load_record,
 };
 use crate::store::{EventLog, NewEvent, StoreError};
-use crate::workflow::record::EventContext;
+use crate::workflow::record::{EventContext, Lookup};
 use crate::workflow::{
     ActionCommand, ActionEvent, ActionRecord, ActionStatus, Actions, DecisionTimes, Refusal,
     SERVER_ACTOR, decide,
@@ -231,31 +231,30 @@ impl Writer {
     fn plan_check(&self, check: NewCheck, batch: &mut Batch) -> Result<(Uuid, bool), LedgerError> {
         let requester = &check.requested.requester.id;
         let key = &check.requested.request.idempotency_key;
-        {
-            let shared = self.state.read();
-            if !key.is_empty() {
-                let existing = batch
+        if !key.is_empty() {
+            let existing = batch
+                .scratch
+                .by_idempotency_key(requester, key)
+                .or_else(|| self.state.read().by_idempotency_key(requester, key));
+            if let Some(existing) = existing {
+                self.hold(existing, batch)?;
+                let record = batch
                     .scratch
-                    .by_idempotency_key(requester, key)
-                    .or_else(|| shared.by_idempotency_key(requester, key));
-                if let Some(existing) = existing {
-                    return if existing.action_digest == check.requested.action_digest {
-                        Ok((existing.id, false))
-                    } else {
-                        Err(LedgerError::IdempotencyConflict {
-                            existing: existing.id,
-                        })
-                    };
-                }
+                    .hot(&existing)
+                    .ok_or(LedgerError::NotFound(existing))?;
+                return if record.action_digest == check.requested.action_digest {
+                    Ok((existing, false))
+                } else {
+                    Err(LedgerError::IdempotencyConflict { existing })
+                };
             }
-            if batch.scratch.get(&check.action_id).is_some()
-                || shared.get(&check.action_id).is_some()
-            {
-                return Err(LedgerError::WriteFailed(format!(
-                    "action id {} is already taken",
-                    check.action_id
-                )));
-            }
+        }
+        if batch.scratch.contains(&check.action_id) || self.state.read().contains(&check.action_id)
+        {
+            return Err(LedgerError::WriteFailed(format!(
+                "action id {} is already taken",
+                check.action_id
+            )));
         }
         let events = vec![
             (
@@ -279,20 +278,39 @@ impl Writer {
         time: DateTime<Utc>,
         batch: &mut Batch,
     ) -> Result<(Result<(), Refusal>, bool), LedgerError> {
-        if batch.scratch.get(&action_id).is_none() {
-            let shared = self.state.read();
-            if shared.get(&action_id).is_none() {
-                return Err(LedgerError::NotFound(action_id));
-            }
-            batch.scratch.copy_record_from(&shared, &action_id);
-        }
-        let decided = match batch.scratch.get(&action_id) {
+        self.hold(action_id, batch)?;
+        let decided = match batch.scratch.hot(&action_id) {
             Some(record) => decide(record, command, time, &self.times),
             None => return Err(LedgerError::NotFound(action_id)),
         };
         let appended = !decided.events.is_empty();
         batch.push_events(action_id, time, decided.events)?;
         Ok((decided.result, appended))
+    }
+
+    /// Puts an existing action's full record into the batch's scratch state: copied from
+    /// memory, or rebuilt from the log when it is cold there (an outcome reported or a
+    /// retry long after the decision).
+    fn hold(&self, action_id: Uuid, batch: &mut Batch) -> Result<(), LedgerError> {
+        if batch.scratch.hot(&action_id).is_some() {
+            return Ok(());
+        }
+        let sequences = {
+            let shared = self.state.read();
+            match shared.lookup(&action_id) {
+                None => return Err(LedgerError::NotFound(action_id)),
+                Some(Lookup::Hot(_)) => {
+                    batch.scratch.copy_hot_from(&shared, &action_id);
+                    return Ok(());
+                }
+                Some(Lookup::Cold(sequences)) => sequences.to_vec(),
+            }
+        };
+        // Only this thread changes the state, so the entry cannot change meanwhile.
+        let record = load_record(&self.log, action_id, &sequences)
+            .inspect_err(|e| self.health.noticed(e))?;
+        batch.scratch.insert_loaded(record, sequences);
+        Ok(())
     }
 
     /// The batch is durable: make it visible, wake waiters, feed subscribers, answer.
@@ -314,14 +332,14 @@ impl Writer {
         self.applied.send_replace(state.applied_sequence());
         let statuses: Vec<(Uuid, ActionStatus)> = touched
             .iter()
-            .filter_map(|id| state.get(id).map(|r| (*id, r.status)))
+            .filter_map(|id| state.hot(id).map(|r| (*id, r.status)))
             .collect();
         // The feed carries only actions that went to review: the allow/deny fast path,
         // the bulk of traffic, never costs subscribers (or the ring buffer) anything.
         let records: HashMap<Uuid, Arc<ActionRecord>> = if feed_wanted {
             touched
                 .iter()
-                .filter_map(|id| state.get(id))
+                .filter_map(|id| state.hot(id))
                 .filter(|r| r.expires_at.is_some())
                 .map(|r| (r.id, Arc::new(r.clone())))
                 .collect()
@@ -334,10 +352,12 @@ impl Writer {
         let answers: Vec<(Reply, Option<ActionRecord>)> = replies
             .into_iter()
             .map(|reply| {
-                let record = reply.action_id().and_then(|id| state.get(&id).cloned());
+                let record = reply.action_id().and_then(|id| state.hot(&id).cloned());
                 (reply, record)
             })
             .collect();
+        // Only after the answers are taken: every record the batch touched was hot.
+        let cooled = state.cool();
         drop(state);
 
         self.waiters.notify(&statuses);
@@ -355,10 +375,12 @@ impl Writer {
         for (reply, record) in answers {
             answer(reply, record);
         }
+        // Freeing hundreds of records takes a while: not under the lock, not before answers.
+        drop(cooled);
     }
 
     /// The append failed: nothing of the batch is visible; tell every caller.
-    fn fail(&self, batch: Batch, error: &StoreError) {
+    fn fail(&self, mut batch: Batch, error: &StoreError) {
         let message = error.to_string();
         // Only an event that could not be encoded leaves the log untouched; any other
         // failure may have written part of a batch, or left it not durable.
@@ -370,12 +392,15 @@ impl Writer {
             tracing::error!(error = %message, "event log append failed; nothing was written");
         }
         let state = self.state.read();
-        for reply in batch.replies {
+        for reply in std::mem::take(&mut batch.replies) {
             if reply.appended() {
                 reply.refuse(LedgerError::WriteFailed(message.clone()));
             } else {
                 // Nothing of this command was in the failed append: answer as usual.
-                let record = reply.action_id().and_then(|id| state.get(&id).cloned());
+                // A retry's record may have been loaded into the batch only.
+                let record = reply
+                    .action_id()
+                    .and_then(|id| batch.scratch.hot(&id).or_else(|| state.hot(&id)).cloned());
                 answer(reply, record);
             }
         }
@@ -385,15 +410,14 @@ impl Writer {
 /// Tells the observer which statuses the batch's events gave their actions.
 fn report_decisions(observer: &dyn LedgerObserver, events: &[CommittedEvent], state: &Actions) {
     for committed in events {
-        let status = match &committed.event {
-            ActionEvent::Evaluated(evaluated) => evaluated.status,
-            ActionEvent::Approved(_) => ActionStatus::Approved,
-            ActionEvent::Rejected(_) => ActionStatus::Rejected,
-            ActionEvent::Expired(_) => ActionStatus::Expired,
-            ActionEvent::Cancelled(_) => ActionStatus::Cancelled,
-            _ => continue,
+        // The request's interim status is not a decision.
+        if matches!(committed.event, ActionEvent::Requested(_)) {
+            continue;
+        }
+        let Some(status) = committed.event.status_after() else {
+            continue;
         };
-        let Some(record) = state.get(&committed.action_id) else {
+        let Some(record) = state.hot(&committed.action_id) else {
             continue;
         };
         let Some(decision) = &record.decision else {

@@ -102,10 +102,16 @@ impl<C: Channel> Consumer<Ledger> for Deliveries<C> {
 /// The notification `stored` stands for, with its action's record as it is now.
 fn notification(ledger: &Ledger, stored: &StoredEvent) -> Option<Notification> {
     let trigger = trigger(stored)?;
-    let record = ledger.actions().get(&trigger.action_id).cloned();
-    let Some(record) = record else {
-        tracing::error!(sequence = stored.sequence, action_id = %trigger.action_id, "an event names an unknown action; not notified");
-        return None;
+    let record = match ledger.action(&trigger.action_id) {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            tracing::error!(sequence = stored.sequence, action_id = %trigger.action_id, "an event names an unknown action; not notified");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(sequence = stored.sequence, action_id = %trigger.action_id, error = %e, "the action's record cannot be read; not notified");
+            return None;
+        }
     };
     Some(Notification {
         kind: trigger.kind,

@@ -247,16 +247,20 @@ impl Interactivity {
                 "The button does not name an action.",
             ),
             (Ok(_), Some((action_id, digest))) => {
-                let record = self
-                    .ledger
-                    .upgrade()
-                    .and_then(|ledger| ledger.actions().get(&action_id).cloned());
+                let record = match self.ledger.upgrade() {
+                    Some(ledger) => ledger.action(&action_id),
+                    None => Err(LedgerError::Stopped),
+                };
                 match record {
-                    None => message::slack_info_modal(
+                    Err(e) => message::slack_info_modal(
+                        "Try again",
+                        &format!("countersign cannot read action {action_id} right now: {e}"),
+                    ),
+                    Ok(None) => message::slack_info_modal(
                         "Unknown action",
                         &format!("countersign has no action {action_id}."),
                     ),
-                    Some(record) if record.status != ActionStatus::Pending => {
+                    Ok(Some(record)) if record.status != ActionStatus::Pending => {
                         message::slack_info_modal(
                             "Already decided",
                             &format!(
@@ -265,7 +269,7 @@ impl Interactivity {
                             ),
                         )
                     }
-                    Some(record) => {
+                    Ok(Some(record)) => {
                         let metadata = Metadata {
                             action_id,
                             digest,

@@ -193,10 +193,16 @@ fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Vec<SpanModel> {
                 continue;
             }
         };
-        let record = ledger.actions().get(&action_id).cloned();
-        let Some(record) = record else {
-            tracing::error!(sequence = stored.sequence, %action_id, "an event names an unknown action; no span for it");
-            continue;
+        let record = match ledger.action(&action_id) {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                tracing::error!(sequence = stored.sequence, %action_id, "an event names an unknown action; no span for it");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(sequence = stored.sequence, %action_id, error = %e, "the action's record cannot be read; no span for it");
+                continue;
+            }
         };
         spans.extend(spans::spans_for(
             Closing {

@@ -172,6 +172,30 @@ impl ActionEvent {
         }
     }
 
+    /// Recorded for auditors only: the action's record does not change.
+    pub fn is_audit_only(&self) -> bool {
+        matches!(
+            self,
+            ActionEvent::ReviewRefused(_) | ActionEvent::OutcomeRefused(_)
+        )
+    }
+
+    /// The status the event gives its action, if it sets one.
+    pub fn status_after(&self) -> Option<ActionStatus> {
+        match self {
+            ActionEvent::Requested(_) => Some(ActionStatus::Pending),
+            ActionEvent::Evaluated(evaluated) => Some(evaluated.status),
+            ActionEvent::Approved(_) => Some(ActionStatus::Approved),
+            ActionEvent::Rejected(_) => Some(ActionStatus::Rejected),
+            ActionEvent::Expired(_) => Some(ActionStatus::Expired),
+            ActionEvent::Cancelled(_) => Some(ActionStatus::Cancelled),
+            ActionEvent::Voted(_)
+            | ActionEvent::ReviewRefused(_)
+            | ActionEvent::OutcomeReported(_)
+            | ActionEvent::OutcomeRefused(_) => None,
+        }
+    }
+
     pub fn to_payload(&self) -> Result<serde_json::Value, serde_json::Error> {
         match self {
             ActionEvent::Requested(e) => serde_json::to_value(e),

@@ -1,9 +1,11 @@
 //! An action's current state, folded from its events.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use smallvec::{SmallVec, smallvec};
 use uuid::Uuid;
 
 use super::events::{ActionEvent, ActionRequested, Outcome, PolicyEvaluated, Verdict};
@@ -124,25 +126,125 @@ pub enum ApplyError {
     UnknownAction { sequence: u64, action_id: Uuid },
 }
 
+/// Which listed actions ListActions wants; empty strings match anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    pub status: Option<ActionStatus>,
+    pub requester_id: String,
+    pub action_type: String,
+}
+
+/// How the state holds an action's record.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    /// In full: pending, or settled recently enough to stay in memory.
+    Hot(&'a ActionRecord),
+    /// Only where its events are in the log, oldest first: rebuild it with
+    /// [`Actions::rebuild`]. A cold action is always settled.
+    Cold(&'a [u64]),
+}
+
+/// A listed action: its record, or where to rebuild it from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Listed {
+    Hot(Box<ActionRecord>),
+    Cold { id: Uuid, sequences: Vec<u64> },
+}
+
+/// What is kept of every action. Only pending and recently settled actions keep their
+/// record ("hot"); the rest keep what ListActions filters on and where their events are
+/// ("cold"), about 200 bytes instead of 2.6 KB, and are rebuilt from the log when read.
+#[derive(Debug, Clone)]
+struct Entry {
+    status: ActionStatus,
+    requester_id: Arc<str>,
+    action_type: Arc<str>,
+    /// The log positions of the events the record is folded from, oldest first; audit-only
+    /// events (refusals), which change nothing, are left out. Inline for the usual two
+    /// (request and evaluation): a small allocation per action kept the pages of every
+    /// dropped record from being reused.
+    sequences: SmallVec<[u64; 2]>,
+    record: Option<Box<ActionRecord>>,
+    /// The entry's latest place in the cooling queue; older places are stale.
+    ticket: u64,
+}
+
+impl Entry {
+    fn is_hot_settled(&self) -> bool {
+        self.record.is_some() && self.status.is_final()
+    }
+}
+
 /// All actions, indexed for the lookups the API needs.
-#[derive(Debug, Default)]
+///
+/// Memory stays proportional to what is live: a settled record leaves memory once more
+/// than `hot_limit` settled records are held (least recently settled or touched first),
+/// and pending records never do, so the writer and the expiry timer decide on records in
+/// memory and only reads of old actions go to the log.
+#[derive(Debug)]
 pub struct Actions {
     /// UUIDv7 ids sort by creation time, so this map is also the "newest first" index.
-    /// Boxed: ids arrive in increasing order, so B-tree leaves split and stay about half
-    /// full, and a 700-byte record inline wasted ~600 bytes an action and was copied on
-    /// every split.
-    by_id: BTreeMap<Uuid, Box<ActionRecord>>,
+    by_id: BTreeMap<Uuid, Entry>,
     /// (requester id, idempotency key) → action.
     by_idempotency_key: HashMap<(String, String), Uuid>,
     /// Pending actions by expiry, for the expiry timer.
     pending_by_expiry: BTreeSet<(DateTime<Utc>, Uuid)>,
     /// The sequence number of the last event folded in.
     applied_sequence: u64,
+    /// Settled records kept in full at most.
+    hot_limit: usize,
+    /// Settled records now kept in full.
+    hot_settled: usize,
+    /// Settled records in the order they settled or were last touched: (ticket, id).
+    cooling: VecDeque<(u64, Uuid)>,
+    next_ticket: u64,
+    /// Requester ids and action types, each held once: millions of entries share a few.
+    names: HashSet<Arc<str>>,
+}
+
+impl Default for Actions {
+    /// Every record stays in memory: for scratch states and tests.
+    fn default() -> Self {
+        Actions::with_hot_limit(usize::MAX)
+    }
 }
 
 impl Actions {
-    pub fn get(&self, id: &Uuid) -> Option<&ActionRecord> {
-        self.by_id.get(id).map(|record| &**record)
+    /// A state that keeps at most `hot_limit` settled records in full.
+    pub fn with_hot_limit(hot_limit: usize) -> Actions {
+        Actions {
+            by_id: BTreeMap::new(),
+            by_idempotency_key: HashMap::new(),
+            pending_by_expiry: BTreeSet::new(),
+            applied_sequence: 0,
+            hot_limit,
+            hot_settled: 0,
+            cooling: VecDeque::new(),
+            next_ticket: 0,
+            names: HashSet::new(),
+        }
+    }
+
+    /// The record if it is held in full. `None` also for a cold action: use
+    /// [`Actions::lookup`] where those matter.
+    pub fn hot(&self, id: &Uuid) -> Option<&ActionRecord> {
+        self.by_id.get(id).and_then(|entry| entry.record.as_deref())
+    }
+
+    pub fn lookup(&self, id: &Uuid) -> Option<Lookup<'_>> {
+        self.by_id.get(id).map(|entry| match &entry.record {
+            Some(record) => Lookup::Hot(record),
+            None => Lookup::Cold(&entry.sequences),
+        })
+    }
+
+    pub fn contains(&self, id: &Uuid) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    /// Who requested the action, hot or cold.
+    pub fn requester_of(&self, id: &Uuid) -> Option<&str> {
+        self.by_id.get(id).map(|entry| &*entry.requester_id)
     }
 
     pub fn len(&self) -> usize {
@@ -153,17 +255,23 @@ impl Actions {
         self.by_id.is_empty()
     }
 
+    /// How many records are held in full (pending ones included).
+    pub fn hot_count(&self) -> usize {
+        self.hot_settled + self.pending_by_expiry.len()
+    }
+
     /// The log position this state reflects.
     pub fn applied_sequence(&self) -> u64 {
         self.applied_sequence
     }
 
-    pub fn by_idempotency_key(&self, requester_id: &str, key: &str) -> Option<&ActionRecord> {
+    /// The action a requester's idempotency key names, hot or cold.
+    pub fn by_idempotency_key(&self, requester_id: &str, key: &str) -> Option<Uuid> {
         // Allocation-free lookup would need a borrowed key type; keys are short, so the
         // two small clones are cheaper than the complexity.
         self.by_idempotency_key
             .get(&(requester_id.to_string(), key.to_string()))
-            .and_then(|id| self.get(id))
+            .copied()
     }
 
     /// How many actions wait for reviewers.
@@ -185,29 +293,74 @@ impl Actions {
             .collect()
     }
 
+    /// Pending records; always held in full.
     pub fn pending(&self) -> impl Iterator<Item = &ActionRecord> {
         self.pending_by_expiry
             .iter()
-            .filter_map(|(_, id)| self.get(id))
+            .filter_map(|(_, id)| self.hot(id))
     }
 
-    /// Newest first, strictly older than `before` when given.
-    pub fn newest_first(&self, before: Option<Uuid>) -> impl Iterator<Item = &ActionRecord> {
+    /// Up to `limit` actions that match `filter`, newest first, strictly older than
+    /// `before` when given; and whether more match beyond them.
+    pub fn list(
+        &self,
+        filter: &ListFilter,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> (Vec<Listed>, bool) {
         let upper = match before {
             Some(id) => std::ops::Bound::Excluded(id),
             None => std::ops::Bound::Unbounded,
         };
-        self.by_id
+        let mut matching = self
+            .by_id
             .range((std::ops::Bound::Unbounded, upper))
             .rev()
-            .map(|(_, r)| &**r)
+            .filter(|(_, entry)| {
+                filter.status.is_none_or(|s| entry.status == s)
+                    && (filter.requester_id.is_empty()
+                        || *entry.requester_id == *filter.requester_id)
+                    && (filter.action_type.is_empty() || *entry.action_type == *filter.action_type)
+            });
+        let page: Vec<Listed> = matching
+            .by_ref()
+            .take(limit)
+            .map(|(id, entry)| match &entry.record {
+                Some(record) => Listed::Hot(record.clone()),
+                None => Listed::Cold {
+                    id: *id,
+                    sequences: entry.sequences.to_vec(),
+                },
+            })
+            .collect();
+        (page, matching.next().is_some())
     }
 
     pub fn count_with_status(&self, status: ActionStatus) -> usize {
         if status == ActionStatus::Pending {
             return self.pending_by_expiry.len();
         }
-        self.by_id.values().filter(|r| r.status == status).count()
+        self.by_id.values().filter(|e| e.status == status).count()
+    }
+
+    /// Rebuilds one action's record from its events, given in log order with the request
+    /// first (as [`Lookup::Cold`] lists them).
+    pub fn rebuild(
+        id: Uuid,
+        events: impl IntoIterator<Item = (EventContext, ActionEvent)>,
+    ) -> Result<ActionRecord, ApplyError> {
+        let mut one = Actions::default();
+        for (at, event) in events {
+            one.apply_owned(at, event)?;
+        }
+        one.by_id
+            .remove(&id)
+            .and_then(|entry| entry.record)
+            .map(|record| *record)
+            .ok_or(ApplyError::UnknownAction {
+                sequence: one.applied_sequence,
+                action_id: id,
+            })
     }
 
     /// Folds one event into the state. Events must come in log order.
@@ -215,23 +368,42 @@ impl Actions {
         if let ActionEvent::Requested(requested) = event {
             self.apply_requested(at, requested)?;
         } else {
-            let record = self
+            let entry = self
                 .by_id
                 .get_mut(&at.action_id)
                 .ok_or(ApplyError::UnknownAction {
                     sequence: at.sequence,
                     action_id: at.action_id,
                 })?;
-            let was_pending = record.status == ActionStatus::Pending && record.expires_at.is_some();
-            let old_expiry = record.expires_at;
-            apply_to_record(record, at, event);
-            let is_pending = record.status == ActionStatus::Pending && record.expires_at.is_some();
-            if was_pending && let Some(expiry) = old_expiry {
-                self.pending_by_expiry.remove(&(expiry, at.action_id));
+            let was_hot_settled = entry.is_hot_settled();
+            if !event.is_audit_only() {
+                entry.sequences.push(at.sequence);
             }
-            if is_pending && let Some(expiry) = record.expires_at {
-                self.pending_by_expiry.insert((expiry, at.action_id));
+            match entry.record.as_deref_mut() {
+                Some(record) => {
+                    let was_pending =
+                        record.status == ActionStatus::Pending && record.expires_at.is_some();
+                    let old_expiry = record.expires_at;
+                    apply_to_record(record, at, event);
+                    entry.status = record.status;
+                    let is_pending =
+                        record.status == ActionStatus::Pending && record.expires_at.is_some();
+                    if was_pending && let Some(expiry) = old_expiry {
+                        self.pending_by_expiry.remove(&(expiry, at.action_id));
+                    }
+                    if is_pending && let Some(expiry) = record.expires_at {
+                        self.pending_by_expiry.insert((expiry, at.action_id));
+                    }
+                }
+                // Cold, so settled: only its listing status can still follow an event
+                // (an outcome report changes none); the record is rebuilt when read.
+                None => {
+                    if let Some(status) = event.status_after() {
+                        entry.status = status;
+                    }
+                }
             }
+            self.settled_touched(at.action_id, was_hot_settled);
         }
         self.applied_sequence = self.applied_sequence.max(at.sequence);
         Ok(())
@@ -247,10 +419,15 @@ impl Actions {
                 Ok(())
             }
             ActionEvent::Evaluated(evaluated) => {
-                let record = self.by_id.get_mut(&at.action_id);
-                match record {
+                let entry = self.by_id.get_mut(&at.action_id);
+                match entry {
                     // A fresh request (the usual case): nothing is pending in the index yet.
-                    Some(record) if record.decision.is_none() && record.expires_at.is_none() => {
+                    Some(Entry {
+                        record: Some(record),
+                        status,
+                        sequences,
+                        ..
+                    }) if record.decision.is_none() && record.expires_at.is_none() => {
                         let evaluated = *evaluated;
                         record.status = evaluated.status;
                         record.expires_at = evaluated.expires_at;
@@ -260,11 +437,14 @@ impl Actions {
                         }
                         record.decision = Some(evaluated.decision);
                         record.last_sequence = at.sequence;
+                        *status = record.status;
+                        sequences.push(at.sequence);
                         if record.status == ActionStatus::Pending
                             && let Some(expiry) = record.expires_at
                         {
                             self.pending_by_expiry.insert((expiry, at.action_id));
                         }
+                        self.settled_touched(at.action_id, false);
                         self.applied_sequence = self.applied_sequence.max(at.sequence);
                         Ok(())
                     }
@@ -305,28 +485,38 @@ impl Actions {
             self.by_idempotency_key
                 .insert((requested.requester.id.clone(), key.clone()), at.action_id);
         }
+        let requester_id = intern(&mut self.names, &requested.requester.id);
+        let action_type = intern(&mut self.names, &requested.request.action.action_type);
+        let record = ActionRecord {
+            id: at.action_id,
+            requester: requested.requester,
+            request: requested.request,
+            action_digest: requested.action_digest,
+            on_behalf_of_source: requested.on_behalf_of_source,
+            trace_id: requested.trace_id,
+            caller_span: requested.caller_span,
+            // Until the evaluation is applied; both are appended atomically.
+            status: ActionStatus::Pending,
+            decision: None,
+            votes: Vec::new(),
+            outcome: None,
+            created_at: at.time,
+            expires_at: None,
+            decided_at: None,
+            valid_until: None,
+            first_sequence: at.sequence,
+            last_sequence: at.sequence,
+        };
         self.by_id.insert(
             at.action_id,
-            Box::new(ActionRecord {
-                id: at.action_id,
-                requester: requested.requester,
-                request: requested.request,
-                action_digest: requested.action_digest,
-                on_behalf_of_source: requested.on_behalf_of_source,
-                trace_id: requested.trace_id,
-                caller_span: requested.caller_span,
-                // Until the evaluation is applied; both are appended atomically.
+            Entry {
                 status: ActionStatus::Pending,
-                decision: None,
-                votes: Vec::new(),
-                outcome: None,
-                created_at: at.time,
-                expires_at: None,
-                decided_at: None,
-                valid_until: None,
-                first_sequence: at.sequence,
-                last_sequence: at.sequence,
-            }),
+                requester_id,
+                action_type,
+                sequences: smallvec![at.sequence],
+                record: Some(Box::new(record)),
+                ticket: 0,
+            },
         );
         Ok(())
     }
@@ -337,36 +527,116 @@ impl Actions {
         self.applied_sequence = self.applied_sequence.max(sequence);
     }
 
-    /// Replaces (or inserts) whole records; used to publish a committed batch at once.
+    /// Replaces (or inserts) whole entries; used to publish a committed batch at once.
+    /// Records beyond the hot limit stay in memory until [`Actions::cool`].
     pub fn merge(&mut self, other: Actions) {
-        for record in other.by_id.values() {
-            if let Some(old) = self.by_id.get(&record.id)
-                && let Some(expiry) = old.expires_at
-            {
-                self.pending_by_expiry.remove(&(expiry, record.id));
+        for (id, mut entry) in other.by_id {
+            let mut was_hot_settled = false;
+            if let Some(old) = self.by_id.get(&id) {
+                was_hot_settled = old.is_hot_settled();
+                if let Some(expiry) = old.record.as_ref().and_then(|r| r.expires_at) {
+                    self.pending_by_expiry.remove(&(expiry, id));
+                }
             }
-            if record.status == ActionStatus::Pending
+            if let Some(record) = &entry.record
+                && record.status == ActionStatus::Pending
                 && let Some(expiry) = record.expires_at
             {
-                self.pending_by_expiry.insert((expiry, record.id));
+                self.pending_by_expiry.insert((expiry, id));
             }
+            entry.requester_id = intern(&mut self.names, &entry.requester_id);
+            entry.action_type = intern(&mut self.names, &entry.action_type);
+            self.by_id.insert(id, entry);
+            self.settled_touched(id, was_hot_settled);
         }
         self.by_idempotency_key.extend(other.by_idempotency_key);
-        self.by_id.extend(other.by_id);
         self.applied_sequence = self.applied_sequence.max(other.applied_sequence);
     }
 
-    /// Copies one record into a scratch state, so a batch can be folded on the side.
-    pub fn copy_record_from(&mut self, source: &Actions, id: &Uuid) {
-        if let Some(record) = source.by_id.get(id) {
-            if record.status == ActionStatus::Pending
-                && let Some(expiry) = record.expires_at
+    /// Copies one action into a scratch state, so a batch can be folded on the side.
+    /// Returns false for an unknown or cold action (load it, then [`Actions::insert_loaded`]).
+    pub fn copy_hot_from(&mut self, source: &Actions, id: &Uuid) -> bool {
+        let Some(entry) = source.by_id.get(id).filter(|e| e.record.is_some()) else {
+            return false;
+        };
+        if let Some(record) = &entry.record
+            && record.status == ActionStatus::Pending
+            && let Some(expiry) = record.expires_at
+        {
+            self.pending_by_expiry.insert((expiry, *id));
+        }
+        let was_hot_settled = self.by_id.get(id).is_some_and(Entry::is_hot_settled);
+        self.by_id.insert(*id, entry.clone());
+        self.settled_touched(*id, was_hot_settled);
+        true
+    }
+
+    /// Puts a cold action's rebuilt record into a scratch state; `sequences` are the ones
+    /// its cold entry listed.
+    pub fn insert_loaded(&mut self, record: ActionRecord, sequences: Vec<u64>) {
+        let id = record.id;
+        let was_hot_settled = self.by_id.get(&id).is_some_and(Entry::is_hot_settled);
+        let entry = Entry {
+            status: record.status,
+            requester_id: intern(&mut self.names, &record.requester.id),
+            action_type: intern(&mut self.names, &record.request.action.action_type),
+            sequences: SmallVec::from_vec(sequences),
+            record: Some(Box::new(record)),
+            ticket: 0,
+        };
+        self.by_id.insert(id, entry);
+        self.settled_touched(id, was_hot_settled);
+    }
+
+    /// Lets settled records beyond the hot limit leave memory, least recently settled or
+    /// touched first. Cheap when nothing is over. Returns the records that left, so the
+    /// caller can drop them after letting go of the state's lock.
+    pub fn cool(&mut self) -> Vec<Box<ActionRecord>> {
+        let mut cooled = Vec::new();
+        while self.hot_settled > self.hot_limit {
+            let Some((ticket, id)) = self.cooling.pop_front() else {
+                break;
+            };
+            if let Some(entry) = self.by_id.get_mut(&id)
+                && entry.ticket == ticket
+                && entry.is_hot_settled()
+                && let Some(record) = entry.record.take()
             {
-                self.pending_by_expiry.insert((expiry, *id));
+                cooled.push(record);
+                entry.sequences.shrink_to_fit();
+                self.hot_settled -= 1;
             }
-            self.by_id.insert(*id, record.clone());
+        }
+        cooled
+    }
+
+    /// Keeps the hot-settled count and the cooling order right after `id`'s entry changed.
+    fn settled_touched(&mut self, id: Uuid, was_hot_settled: bool) {
+        let Some(entry) = self.by_id.get_mut(&id) else {
+            return;
+        };
+        let is_hot_settled = entry.is_hot_settled();
+        match (was_hot_settled, is_hot_settled) {
+            (false, true) => self.hot_settled += 1,
+            (true, false) => self.hot_settled -= 1,
+            _ => {}
+        }
+        if is_hot_settled && self.hot_limit != usize::MAX {
+            self.next_ticket += 1;
+            entry.ticket = self.next_ticket;
+            self.cooling.push_back((self.next_ticket, id));
         }
     }
+}
+
+/// The shared copy of `name`, added if new.
+fn intern(names: &mut HashSet<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(held) = names.get(name) {
+        return held.clone();
+    }
+    let held: Arc<str> = Arc::from(name);
+    names.insert(held.clone());
+    held
 }
 
 fn apply_to_record(record: &mut ActionRecord, at: EventContext, event: &ActionEvent) {
@@ -411,5 +681,302 @@ fn apply_evaluated(record: &mut ActionRecord, at: EventContext, evaluated: &Poli
     record.valid_until = evaluated.valid_until;
     if evaluated.status.is_final() {
         record.decided_at = Some(at.time);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::domain::{ActionSpec, Effect, PrincipalKind, RiskLevel, TaskContext};
+    use crate::workflow::events::{ActionApproved, OutcomeRefused, OutcomeReported, ReviewVoted};
+    use crate::workflow::{Outcome, ReviewRefused};
+
+    fn at(seconds: u64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + seconds as i64, 0)
+            .single()
+            .unwrap()
+    }
+
+    fn principal(id: &str, kind: PrincipalKind) -> Principal {
+        Principal {
+            id: id.into(),
+            kind,
+            groups: vec!["sre".into()],
+            authenticated_by: "test".into(),
+        }
+    }
+
+    /// The two events of a new action, allowed or pending.
+    fn check(status: ActionStatus, requester: &str, action_type: &str) -> [ActionEvent; 2] {
+        let requested = ActionEvent::Requested(Box::new(ActionRequested {
+            requester: principal(requester, PrincipalKind::Agent),
+            request: ActionRequest {
+                action: ActionSpec {
+                    action_type: action_type.into(),
+                    resource: "db-1".into(),
+                    environment: "production".into(),
+                    parameters: serde_json::Map::from_iter([("size".into(), 3.into())]),
+                    purpose: "because".into(),
+                },
+                task: TaskContext::default(),
+                idempotency_key: format!("key-of-{requester}-{action_type}"),
+            },
+            action_digest: "d".repeat(64),
+            on_behalf_of_source: None,
+            trace_id: Some("t".into()),
+            caller_span: None,
+        }));
+        let pending = status == ActionStatus::Pending;
+        let evaluated = ActionEvent::Evaluated(Box::new(PolicyEvaluated {
+            decision: Decision {
+                effect: if pending {
+                    Effect::RequireApproval
+                } else {
+                    Effect::Allow
+                },
+                risk: RiskLevel::High,
+                approvals_required: u32::from(pending),
+                reviewer_groups: vec![],
+                ttl_seconds: None,
+                matched_rules: vec![],
+                errors: vec![],
+                defaulted: false,
+                policy_version: "v1".into(),
+            },
+            status,
+            expires_at: pending.then(|| at(100_000)),
+            valid_until: (!pending).then(|| at(900)),
+        }));
+        [requested, evaluated]
+    }
+
+    /// Folds events into `actions` with consecutive sequences from `next`, keeping the log.
+    struct Log {
+        next: u64,
+        events: Vec<(EventContext, ActionEvent)>,
+    }
+
+    impl Log {
+        fn new() -> Log {
+            Log {
+                next: 1,
+                events: Vec::new(),
+            }
+        }
+
+        fn append(&mut self, actions: &mut Actions, id: Uuid, events: Vec<ActionEvent>) {
+            for event in events {
+                let context = EventContext {
+                    sequence: self.next,
+                    time: at(self.next),
+                    action_id: id,
+                };
+                actions.apply(context, &event).unwrap();
+                self.events.push((context, event));
+                self.next += 1;
+            }
+            actions.cool();
+        }
+
+        fn of(&self, id: Uuid) -> Vec<(EventContext, ActionEvent)> {
+            self.events
+                .iter()
+                .filter(|(context, _)| context.action_id == id)
+                .cloned()
+                .collect()
+        }
+    }
+
+    fn cold_sequences(actions: &Actions, id: &Uuid) -> Option<Vec<u64>> {
+        match actions.lookup(id) {
+            Some(Lookup::Cold(sequences)) => Some(sequences.to_vec()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn settled_records_beyond_the_limit_leave_memory_and_pending_ones_stay() {
+        let mut actions = Actions::with_hot_limit(2);
+        let mut log = Log::new();
+        let pending = Uuid::now_v7();
+        log.append(
+            &mut actions,
+            pending,
+            check(ActionStatus::Pending, "agent-p", "iam.role.grant").into(),
+        );
+        let allowed: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        for (n, id) in allowed.iter().enumerate() {
+            let requester = format!("agent-{}", n % 2);
+            log.append(
+                &mut actions,
+                *id,
+                check(ActionStatus::Allowed, &requester, "deploy.apply").into(),
+            );
+        }
+
+        assert_eq!(actions.len(), 6);
+        assert_eq!(actions.hot_count(), 3, "two settled and the pending one");
+        assert!(actions.hot(&pending).is_some());
+        for id in &allowed[..3] {
+            let sequences = cold_sequences(&actions, id).expect("the oldest settled are cold");
+            assert_eq!(sequences.len(), 2);
+        }
+        for id in &allowed[3..] {
+            assert!(actions.hot(id).is_some(), "the newest settled stay");
+        }
+        // What ListActions filters on and what counts are still there for cold ones.
+        assert_eq!(actions.count_with_status(ActionStatus::Allowed), 5);
+        assert_eq!(actions.requester_of(&allowed[0]), Some("agent-0"));
+        let filter = ListFilter {
+            status: Some(ActionStatus::Allowed),
+            requester_id: "agent-0".into(),
+            action_type: "deploy.apply".into(),
+        };
+        let (page, more) = actions.list(&filter, None, 2);
+        assert!(more);
+        assert_eq!(page.len(), 2);
+        assert!(matches!(&page[0], Listed::Hot(r) if r.id == allowed[4]));
+        assert!(matches!(&page[1], Listed::Cold { id, .. } if *id == allowed[2]));
+        let (rest, more) = actions.list(&filter, Some(allowed[2]), 10);
+        assert!(!more);
+        assert!(matches!(&rest[..], [Listed::Cold { id, .. }] if *id == allowed[0]));
+        assert_eq!(
+            actions.by_idempotency_key("agent-0", "key-of-agent-0-deploy.apply"),
+            Some(allowed[4])
+        );
+    }
+
+    #[test]
+    fn a_cold_record_rebuilds_exactly_from_its_events() {
+        let (mut all_hot, mut all_hot_log) = (Actions::default(), Log::new());
+        let (mut none_hot, mut none_hot_log) = (Actions::with_hot_limit(0), Log::new());
+        let id = Uuid::now_v7();
+        let reviewer = principal("rev", PrincipalKind::Human);
+        let mut history: Vec<Vec<ActionEvent>> = vec![
+            check(ActionStatus::Pending, "agent-1", "iam.role.grant").into(),
+            vec![ActionEvent::Voted(ReviewVoted {
+                reviewer: reviewer.clone(),
+                verdict: Verdict::Approve,
+                reason: "looks right".into(),
+            })],
+            vec![ActionEvent::Approved(ActionApproved {
+                valid_until: at(5_000),
+                approved_by: vec!["rev".into()],
+            })],
+        ];
+        // After it went cold: an audit-only refusal and an outcome.
+        history.push(vec![ActionEvent::ReviewRefused(ReviewRefused {
+            reviewer,
+            verdict: Verdict::Approve,
+            reason: "late".into(),
+            refusal: "already approved".into(),
+        })]);
+        history.push(vec![ActionEvent::OutcomeReported(OutcomeReported {
+            outcome: Outcome::Executed,
+            details: "done".into(),
+        })]);
+        history.push(vec![ActionEvent::OutcomeRefused(OutcomeRefused {
+            reporter: "agent-1".into(),
+            outcome: Outcome::Failed,
+            details: "again".into(),
+            refusal: "already reported".into(),
+        })]);
+        for events in history {
+            all_hot_log.append(&mut all_hot, id, events.clone());
+            none_hot_log.append(&mut none_hot, id, events);
+        }
+
+        let expected = all_hot.hot(&id).unwrap().clone();
+        assert_eq!(expected.status, ActionStatus::Approved);
+        assert!(expected.outcome.is_some());
+        let sequences = cold_sequences(&none_hot, &id).expect("settled and over a limit of 0");
+        assert_eq!(
+            sequences,
+            vec![1, 2, 3, 4, 6],
+            "refusals are not needed to rebuild"
+        );
+        let events = none_hot_log
+            .of(id)
+            .into_iter()
+            .filter(|(context, _)| sequences.contains(&context.sequence));
+        assert_eq!(Actions::rebuild(id, events).unwrap(), expected);
+        assert_eq!(none_hot.hot_count(), 0);
+        assert_eq!(none_hot.applied_sequence(), 7);
+    }
+
+    #[test]
+    fn rebuilding_needs_the_request_first() {
+        let id = Uuid::now_v7();
+        let [_, evaluated] = check(ActionStatus::Allowed, "agent-1", "deploy.apply");
+        let context = EventContext {
+            sequence: 2,
+            time: at(2),
+            action_id: id,
+        };
+        assert_eq!(
+            Actions::rebuild(id, [(context, evaluated)]),
+            Err(ApplyError::UnknownAction {
+                sequence: 2,
+                action_id: id
+            })
+        );
+        assert!(Actions::rebuild(id, []).is_err());
+    }
+
+    #[test]
+    fn a_record_touched_again_is_the_last_to_leave_memory() {
+        let mut shared = Actions::with_hot_limit(2);
+        let mut log = Log::new();
+        let (first, second, third) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        for id in [first, second] {
+            log.append(
+                &mut shared,
+                id,
+                check(ActionStatus::Allowed, "agent-1", "deploy.apply").into(),
+            );
+        }
+        // The writer's way: copy into a scratch state, fold there, merge back.
+        let mut scratch = Actions::default();
+        assert!(scratch.copy_hot_from(&shared, &first));
+        log.append(
+            &mut scratch,
+            first,
+            vec![ActionEvent::OutcomeReported(OutcomeReported {
+                outcome: Outcome::Executed,
+                details: String::new(),
+            })],
+        );
+        shared.merge(scratch);
+        shared.cool();
+        assert_eq!(shared.hot_count(), 2);
+        log.append(
+            &mut shared,
+            third,
+            check(ActionStatus::Allowed, "agent-1", "deploy.apply").into(),
+        );
+        assert!(
+            cold_sequences(&shared, &second).is_some(),
+            "settled longest ago"
+        );
+        assert!(shared.hot(&first).is_some(), "touched after the second");
+        assert!(shared.hot(&third).is_some());
+        assert_eq!(shared.hot_count(), 2);
+
+        // A cold record loaded back into a batch is hot again after the merge.
+        let sequences = cold_sequences(&shared, &second).unwrap();
+        let rebuilt = Actions::rebuild(second, log.of(second)).unwrap();
+        let mut scratch = Actions::default();
+        assert!(
+            !scratch.copy_hot_from(&shared, &second),
+            "cold: load it instead"
+        );
+        scratch.insert_loaded(rebuilt.clone(), sequences);
+        shared.merge(scratch);
+        assert_eq!(shared.hot(&second), Some(&rebuilt));
+        shared.cool();
+        assert_eq!(shared.hot_count(), 2);
+        assert!(cold_sequences(&shared, &first).is_some());
     }
 }

@@ -1,0 +1,190 @@
+//! Settled actions beyond `limits.settled_in_memory` leave memory and are read back from the
+//! log: every read and every command on them answers exactly as a server holding all
+//! records in memory does.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Caller, TestServer, Watchdog, check, http_get, shipped_policies, string};
+use countersign::config::ServerConfig;
+use countersign::proto::{self, ActionStatus, Outcome, Verdict};
+use tonic::Code;
+
+/// One settled record in memory, and `/status` to see it.
+fn keep_one_settled(config: &mut ServerConfig) {
+    config.settled_in_memory = 1;
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+}
+
+/// Everything a client can read about the actions: each one by id, and every page of
+/// ListActions (all, approved only, one requester's), two at a time.
+async fn everything(server: &TestServer, ids: &[String]) -> Vec<String> {
+    let mut reviewer = server.review(&Caller::human("carol", "security")).await;
+    let mut seen = Vec::new();
+    for id in ids {
+        let record = reviewer
+            .get_action(proto::GetActionRequest {
+                action_id: id.clone(),
+            })
+            .await
+            .expect("GetAction")
+            .into_inner();
+        seen.push(format!("{record:?}"));
+    }
+    for (status, requester_id) in [
+        (ActionStatus::Unspecified, ""),
+        (ActionStatus::Approved, ""),
+        (ActionStatus::Unspecified, "reader-bot"),
+    ] {
+        let mut page_token = String::new();
+        loop {
+            let page = reviewer
+                .list_actions(proto::ListActionsRequest {
+                    status: status as i32,
+                    requester_id: requester_id.into(),
+                    action_type: String::new(),
+                    page_size: 2,
+                    page_token,
+                })
+                .await
+                .expect("ListActions")
+                .into_inner();
+            seen.push(format!("{:?}", page.actions));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+    seen
+}
+
+async fn status(server: &TestServer) -> serde_json::Value {
+    let metrics = server
+        .running
+        .as_ref()
+        .and_then(|running| running.metrics_addr())
+        .expect("metrics are served");
+    let (_, body) = http_get(metrics, "/status").await;
+    serde_json::from_str(&body).expect("status is JSON")
+}
+
+#[tokio::test]
+async fn settled_actions_read_back_from_the_log_are_what_memory_held() {
+    let _watchdog = Watchdog::new("settled records test");
+    let mut server = TestServer::start_with(shipped_policies(), keep_one_settled).await;
+    let mut reader = server.gate(&Caller::agent("reader-bot")).await;
+    let mut keyed = check("storage.object.read", "production", &[]);
+    keyed.idempotency_key = "read-1".into();
+    let first = reader
+        .check_action(keyed.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.status(), ActionStatus::Allowed);
+
+    // An approved IAM grant: its votes and approval are rebuilt too.
+    let mut iam = server.gate(&Caller::agent("iam-bot")).await;
+    let grant = iam
+        .check_action(check(
+            "iam.role.grant",
+            "production",
+            &[("role", string("admin")), ("member", string("dave"))],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grant.status(), ActionStatus::Pending);
+    for reviewer in ["bob", "erin"] {
+        server
+            .review(&Caller::human(reviewer, "security"))
+            .await
+            .submit_review(proto::SubmitReviewRequest {
+                action_id: grant.action_id.clone(),
+                verdict: Verdict::Approve as i32,
+                reason: format!("{reviewer} checked the ticket"),
+                action_digest: String::new(),
+            })
+            .await
+            .expect("vote");
+    }
+    let mut ids = vec![first.action_id.clone(), grant.action_id.clone()];
+    for _ in 0..3 {
+        let allowed = reader
+            .check_action(check("storage.object.read", "production", &[]))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(allowed.action_id);
+    }
+    let status_now = status(&server).await;
+    assert_eq!(status_now["actions"]["known"], 5);
+    assert_eq!(status_now["actions"]["records_in_memory"], 1);
+
+    // Commands on a settled action no longer in memory: the writer reads it back.
+    let retried = reader
+        .check_action(keyed.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.action_id, first.action_id, "an idempotent retry");
+    assert_eq!(retried.status(), ActionStatus::Allowed);
+    let mut conflicting = check("storage.object.read", "staging", &[]);
+    conflicting.idempotency_key = "read-1".into();
+    let refused = reader.check_action(conflicting).await.unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    assert!(refused.message().contains(&first.action_id), "{refused:?}");
+    // Push the first action out again before each command.
+    for _ in 0..2 {
+        reader
+            .check_action(check("storage.object.read", "production", &[]))
+            .await
+            .unwrap();
+    }
+    let report = |outcome: Outcome| proto::ReportOutcomeRequest {
+        action_id: first.action_id.clone(),
+        outcome: outcome as i32,
+        details: "read 3 objects".into(),
+    };
+    let reported = reader
+        .report_outcome(report(Outcome::Executed))
+        .await
+        .expect("an outcome on a record read back from the log")
+        .into_inner();
+    assert_eq!(
+        reported.action.unwrap().outcome.unwrap().outcome(),
+        Outcome::Executed
+    );
+    reader
+        .check_action(check("storage.object.read", "production", &[]))
+        .await
+        .unwrap();
+    let again = reader.report_outcome(report(Outcome::Failed)).await;
+    assert_eq!(
+        again.unwrap_err().code(),
+        Code::FailedPrecondition,
+        "decided against the rebuilt record, which has the outcome"
+    );
+    let awaited = iam
+        .await_decision(proto::AwaitDecisionRequest {
+            action_id: grant.action_id.clone(),
+            wait: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(awaited.is_final);
+    assert_eq!(awaited.action.unwrap().votes.len(), 2);
+    let status_now = status(&server).await;
+    assert_eq!(status_now["actions"]["known"], 8);
+    assert_eq!(status_now["actions"]["records_in_memory"], 1);
+
+    let from_the_log = everything(&server, &ids).await;
+    // A fresh start with every record in memory, folded from the same log.
+    server.tweak = |config| config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    server.restart().await;
+    assert_eq!(status(&server).await["actions"]["records_in_memory"], 8);
+    assert_eq!(everything(&server, &ids).await, from_the_log);
+    server.stop().await;
+}
