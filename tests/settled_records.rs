@@ -109,7 +109,22 @@ async fn settled_actions_read_back_from_the_log_are_what_memory_held() {
             .await
             .expect("vote");
     }
-    let mut ids = vec![first.action_id.clone(), grant.action_id.clone()];
+    // One that stays pending: it must be in memory after every start.
+    let waiting = iam
+        .check_action(check(
+            "iam.role.grant",
+            "production",
+            &[("role", string("admin")), ("member", string("frank"))],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(waiting.status(), ActionStatus::Pending);
+    let mut ids = vec![
+        first.action_id.clone(),
+        grant.action_id.clone(),
+        waiting.action_id.clone(),
+    ];
     for _ in 0..3 {
         let allowed = reader
             .check_action(check("storage.object.read", "production", &[]))
@@ -119,8 +134,11 @@ async fn settled_actions_read_back_from_the_log_are_what_memory_held() {
         ids.push(allowed.action_id);
     }
     let status_now = status(&server).await;
-    assert_eq!(status_now["actions"]["known"], 5);
-    assert_eq!(status_now["actions"]["records_in_memory"], 1);
+    assert_eq!(status_now["actions"]["known"], 6);
+    assert_eq!(
+        status_now["actions"]["records_in_memory"], 2,
+        "one settled, one pending"
+    );
 
     // Commands on a settled action no longer in memory: the writer reads it back.
     let retried = reader
@@ -177,14 +195,36 @@ async fn settled_actions_read_back_from_the_log_are_what_memory_held() {
     assert!(awaited.is_final);
     assert_eq!(awaited.action.unwrap().votes.len(), 2);
     let status_now = status(&server).await;
-    assert_eq!(status_now["actions"]["known"], 8);
-    assert_eq!(status_now["actions"]["records_in_memory"], 1);
+    assert_eq!(status_now["actions"]["known"], 9);
+    assert_eq!(status_now["actions"]["records_in_memory"], 2);
 
     let from_the_log = everything(&server, &ids).await;
     // A fresh start with every record in memory, folded from the same log.
     server.tweak = |config| config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     server.restart().await;
-    assert_eq!(status(&server).await["actions"]["records_in_memory"], 8);
+    assert_eq!(status(&server).await["actions"]["records_in_memory"], 9);
     assert_eq!(everything(&server, &ids).await, from_the_log);
+
+    // A start that keeps one settled record decodes most events only in part, and
+    // rebuilds the pending action from the log: the same answers, and it can be reviewed.
+    server.tweak = keep_one_settled;
+    server.restart().await;
+    assert_eq!(status(&server).await["actions"]["records_in_memory"], 2);
+    assert_eq!(everything(&server, &ids).await, from_the_log);
+    let voted = server
+        .review(&Caller::human("bob", "security"))
+        .await
+        .submit_review(proto::SubmitReviewRequest {
+            action_id: waiting.action_id.clone(),
+            verdict: Verdict::Approve as i32,
+            reason: "first of two".into(),
+            action_digest: waiting.action_digest.clone(),
+        })
+        .await
+        .expect("a vote on the pending action rebuilt at start")
+        .into_inner();
+    let action = voted.action.unwrap();
+    assert_eq!(action.status(), ActionStatus::Pending);
+    assert_eq!(action.votes.len(), 1);
     server.stop().await;
 }

@@ -39,7 +39,7 @@ use crate::store::{EventLog, NewEvent, RawEvent, StoreError, StoredEvent, Verify
 use crate::workflow::record::{EventContext, ListFilter, Listed, Lookup};
 use crate::workflow::{
     ActionCommand, ActionEvent, ActionRecord, ActionRequested, ActionStatus, Actions,
-    DecisionTimes, PolicyEvaluated, Refusal,
+    DecisionTimes, EventSummary, PolicyEvaluated, Refusal,
 };
 use waiters::Waiters;
 
@@ -285,15 +285,36 @@ impl Ledger {
         // typed events. Anything that does not check out sends start-up down the slow path:
         // what was folded is dropped, and the log is verified and walked event by event,
         // which locates the problem.
+        //
+        // Only the newest events are decoded whole: older ones are likely to belong to
+        // settled actions that will not stay in memory, so only what their entries keep is
+        // read (a fraction of the work, and no record built and dropped). Actions still
+        // pending at the end are rebuilt from their events.
         let mut actions = Actions::with_hot_limit(settled_in_memory);
         let mut fold_problem = None;
-        let checked = log.verify_and_replay(decode_for_replay, |_, decoded| {
-            let folded = decoded.and_then(|decoded| fold_decoded(&mut actions, decoded));
-            if let Err(problem) = folded {
-                fold_problem.get_or_insert(problem);
+        let whole_from = log
+            .last_sequence()
+            .saturating_sub(settled_in_memory.saturating_mul(WHOLE_EVENTS_PER_HELD) as u64);
+        let checked = log.verify_and_replay(
+            |raw| decode_for_replay(raw, whole_from),
+            |_, decoded| {
+                let folded = decoded.and_then(|decoded| fold_decoded(&mut actions, decoded));
+                if let Err(problem) = folded {
+                    fold_problem.get_or_insert(problem);
+                }
+                actions.cool();
+            },
+        );
+        if checked.is_some() && fold_problem.is_none() {
+            for loaded in load_records(&log, actions.cold_pending()) {
+                match loaded {
+                    Ok((record, sequences)) => actions.insert_loaded(record, sequences),
+                    Err(problem) => {
+                        fold_problem.get_or_insert(problem.to_string());
+                    }
+                }
             }
-            actions.cool();
-        });
+        }
         let (verification, events, integrity_problem) = match checked {
             Some(verification) => {
                 let events = verification.events_checked;
@@ -611,6 +632,54 @@ fn load_record(log: &EventLog, id: Uuid, sequences: &[u64]) -> Result<ActionReco
         .map_err(|e| LedgerError::IntegrityFailure(format!("action {id} does not rebuild: {e}")))
 }
 
+/// Events decoded whole at start-up per settled record kept in memory: an action has two
+/// to four events, so the newest `settled_in_memory` settled actions are all among them.
+const WHOLE_EVENTS_PER_HELD: usize = 4;
+
+/// Rebuilds cold actions on as many threads as there are cores (start-up: the actions
+/// still pending, which must be in memory).
+fn load_records(
+    log: &EventLog,
+    cold: Vec<(Uuid, Vec<u64>)>,
+) -> Vec<Result<(ActionRecord, Vec<u64>), LedgerError>> {
+    let load = |(id, sequences): (Uuid, Vec<u64>)| {
+        load_record(log, id, &sequences).map(|record| (record, sequences))
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || cold.len() < 64 {
+        return cold.into_iter().map(load).collect();
+    }
+    let per_thread = cold.len().div_ceil(threads);
+    let mut parts: Vec<Vec<(Uuid, Vec<u64>)>> = Vec::new();
+    let mut cold = cold.into_iter().peekable();
+    while cold.peek().is_some() {
+        parts.push(cold.by_ref().take(per_thread).collect());
+    }
+    std::thread::scope(|scope| {
+        let load = &load;
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| scope.spawn(move || part.into_iter().map(load).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    vec![Err(LedgerError::ReadFailed(
+                        "a thread rebuilding pending actions failed".into(),
+                    ))]
+                })
+            })
+            .collect()
+    })
+}
+
+/// How much of an event replay decoded.
+enum Replayed {
+    Whole(ActionEvent),
+    Summary(EventSummary),
+}
+
 /// An event decoded for replay: where it goes, and what it is (`None`: a kind the workflow
 /// does not fold, such as an access denial).
 struct Decoded {
@@ -618,12 +687,18 @@ struct Decoded {
     time: DateTime<Utc>,
     action_id: Option<Uuid>,
     kind: String,
-    event: Option<ActionEvent>,
+    event: Option<Replayed>,
 }
 
-/// Runs on the replay's decoding threads.
-fn decode_for_replay(raw: RawEvent<'_>) -> Result<Decoded, String> {
-    let event = ActionEvent::from_json(&raw.kind, raw.payload.get()).map_err(|e| e.to_string())?;
+/// Runs on the replay's decoding threads: events from `whole_from` on are decoded whole,
+/// older ones only as far as an action's entry needs.
+fn decode_for_replay(raw: RawEvent<'_>, whole_from: u64) -> Result<Decoded, String> {
+    let event = if raw.sequence >= whole_from {
+        ActionEvent::from_json(&raw.kind, raw.payload.get()).map(|e| e.map(Replayed::Whole))
+    } else {
+        EventSummary::from_json(&raw.kind, raw.payload.get()).map(|e| e.map(Replayed::Summary))
+    }
+    .map_err(|e| e.to_string())?;
     Ok(Decoded {
         sequence: raw.sequence,
         time: raw.time,
@@ -655,7 +730,11 @@ fn fold_decoded(actions: &mut Actions, decoded: Decoded) -> Result<(), String> {
         time: decoded.time,
         action_id,
     };
-    actions.apply_owned(at, event).map_err(|e| e.to_string())
+    match event {
+        Replayed::Whole(event) => actions.apply_owned(at, event),
+        Replayed::Summary(summary) => actions.apply_summary(at, summary),
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// Folds one stored event into the state (start-up replay).

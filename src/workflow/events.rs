@@ -245,6 +245,83 @@ impl ActionEvent {
     }
 }
 
+/// What an action's entry keeps of an event, decoded without building the event: start-up
+/// reads a million of them for actions that will not stay in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventSummary {
+    Requested {
+        requester_id: String,
+        action_type: String,
+        idempotency_key: String,
+    },
+    /// Any other event: the status it gives its action, if any, and whether it is
+    /// audit-only (it changes nothing).
+    Other {
+        status_after: Option<ActionStatus>,
+        audit_only: bool,
+    },
+}
+
+#[derive(Deserialize)]
+struct RequestedSummary {
+    requester: IdOnly,
+    request: RequestSummary,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct RequestSummary {
+    action: TypeOnly,
+    idempotency_key: String,
+}
+
+#[derive(Deserialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    action_type: String,
+}
+
+#[derive(Deserialize)]
+struct StatusOnly {
+    status: ActionStatus,
+}
+
+impl EventSummary {
+    /// `Ok(None)` for kinds that are not about actions, as [`ActionEvent::from_json`].
+    pub fn from_json(kind: &str, payload: &str) -> Result<Option<EventSummary>, EventDecodeError> {
+        let source = PayloadSource::Text(payload);
+        let other = |status_after, audit_only| EventSummary::Other {
+            status_after,
+            audit_only,
+        };
+        Ok(Some(match kind {
+            ActionEvent::REQUESTED => {
+                let requested: RequestedSummary = source.decode(kind)?;
+                EventSummary::Requested {
+                    requester_id: requested.requester.id,
+                    action_type: requested.request.action.action_type,
+                    idempotency_key: requested.request.idempotency_key,
+                }
+            }
+            ActionEvent::EVALUATED => {
+                let evaluated: StatusOnly = source.decode(kind)?;
+                other(Some(evaluated.status), false)
+            }
+            ActionEvent::APPROVED => other(Some(ActionStatus::Approved), false),
+            ActionEvent::REJECTED => other(Some(ActionStatus::Rejected), false),
+            ActionEvent::EXPIRED => other(Some(ActionStatus::Expired), false),
+            ActionEvent::CANCELLED => other(Some(ActionStatus::Cancelled), false),
+            ActionEvent::VOTED | ActionEvent::OUTCOME_REPORTED => other(None, false),
+            ActionEvent::REVIEW_REFUSED | ActionEvent::OUTCOME_REFUSED => other(None, true),
+            _ => return Ok(None),
+        }))
+    }
+}
+
 /// Where a payload is decoded from: a parsed tree, or its JSON text.
 #[derive(Clone, Copy)]
 enum PayloadSource<'p> {

@@ -17,7 +17,7 @@ pub use commands::{ActionCommand, Decided, Refusal, SERVER_ACTOR, decide};
 pub use digest::action_digest;
 pub use events::{
     ActionApproved, ActionCancelled, ActionEvent, ActionExpired, ActionRejected, ActionRequested,
-    EventDecodeError, Outcome, OutcomeRefused, OutcomeReported, PolicyEvaluated, ReviewRefused,
-    ReviewVoted, Verdict,
+    EventDecodeError, EventSummary, Outcome, OutcomeRefused, OutcomeReported, PolicyEvaluated,
+    ReviewRefused, ReviewVoted, Verdict,
 };
 pub use record::{ActionRecord, ActionStatus, Actions, ReportedOutcome, Vote};

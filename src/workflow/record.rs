@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use smallvec::{SmallVec, smallvec};
 use uuid::Uuid;
 
-use super::events::{ActionEvent, ActionRequested, Outcome, PolicyEvaluated, Verdict};
+use super::events::{
+    ActionEvent, ActionRequested, EventSummary, Outcome, PolicyEvaluated, Verdict,
+};
 use crate::domain::{ActionRequest, CallerSpan, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
 
@@ -124,6 +126,8 @@ pub enum ApplyError {
     DuplicateRequest { sequence: u64, action_id: Uuid },
     #[error("event {sequence}: refers to action {action_id}, which was never requested")]
     UnknownAction { sequence: u64, action_id: Uuid },
+    #[error("event {sequence}: action {action_id} is held in full, so the event must be too")]
+    NeedsWholeEvent { sequence: u64, action_id: Uuid },
 }
 
 /// Which listed actions ListActions wants; empty strings match anything.
@@ -591,6 +595,83 @@ impl Actions {
         Ok(())
     }
 
+    /// Folds an event known only by its summary into a cold entry (start-up, for events
+    /// of actions that will not stay in memory). An action requested this way has no
+    /// record: if it is still pending once the log is read, rebuild it and
+    /// [`Actions::insert_loaded`] it (see [`Actions::cold_pending`]).
+    pub fn apply_summary(
+        &mut self,
+        at: EventContext,
+        summary: EventSummary,
+    ) -> Result<(), ApplyError> {
+        match summary {
+            EventSummary::Requested {
+                requester_id,
+                action_type,
+                idempotency_key,
+            } => {
+                if self.by_id.contains_key(&at.action_id) {
+                    return Err(ApplyError::DuplicateRequest {
+                        sequence: at.sequence,
+                        action_id: at.action_id,
+                    });
+                }
+                let entry = Entry {
+                    status: ActionStatus::Pending,
+                    requester_id: intern(&mut self.names, &requester_id),
+                    action_type: intern(&mut self.names, &action_type),
+                    sequences: smallvec![at.sequence],
+                    record: None,
+                    ticket: 0,
+                };
+                if !idempotency_key.is_empty() {
+                    self.by_idempotency_key
+                        .insert((requester_id, idempotency_key), at.action_id);
+                }
+                self.by_id.insert(at.action_id, entry);
+            }
+            EventSummary::Other {
+                status_after,
+                audit_only,
+            } => {
+                let entry = match self.by_id.get_mut(&at.action_id) {
+                    Some(entry) if entry.record.is_none() => entry,
+                    // A held record must see the whole event.
+                    Some(_) => {
+                        return Err(ApplyError::NeedsWholeEvent {
+                            sequence: at.sequence,
+                            action_id: at.action_id,
+                        });
+                    }
+                    None => {
+                        return Err(ApplyError::UnknownAction {
+                            sequence: at.sequence,
+                            action_id: at.action_id,
+                        });
+                    }
+                };
+                if !audit_only {
+                    entry.sequences.push(at.sequence);
+                }
+                if let Some(status) = status_after {
+                    entry.status = status;
+                }
+            }
+        }
+        self.applied_sequence = self.applied_sequence.max(at.sequence);
+        Ok(())
+    }
+
+    /// Pending actions without their record (folded from summaries), with the sequences to
+    /// rebuild them from.
+    pub fn cold_pending(&self) -> Vec<(Uuid, Vec<u64>)> {
+        self.by_id
+            .newest_first(None)
+            .filter(|(_, entry)| entry.status == ActionStatus::Pending && entry.record.is_none())
+            .map(|(id, entry)| (*id, entry.sequences.to_vec()))
+            .collect()
+    }
+
     /// Moves the position past an event that is not about any action (an access denial, a
     /// policy reload), so followers of the log see it as visible too.
     pub fn pass_over(&mut self, sequence: u64) {
@@ -641,11 +722,16 @@ impl Actions {
         true
     }
 
-    /// Puts a cold action's rebuilt record into a scratch state; `sequences` are the ones
-    /// its cold entry listed.
+    /// Puts a cold action's rebuilt record into the state (a scratch state, or the state
+    /// being replayed); `sequences` are the ones its cold entry listed.
     pub fn insert_loaded(&mut self, record: ActionRecord, sequences: Vec<u64>) {
         let id = record.id;
         let was_hot_settled = self.by_id.get(&id).is_some_and(Entry::is_hot_settled);
+        if record.status == ActionStatus::Pending
+            && let Some(expiry) = record.expires_at
+        {
+            self.pending_by_expiry.insert((expiry, id));
+        }
         let entry = Entry {
             status: record.status,
             requester_id: intern(&mut self.names, &record.requester.id),
@@ -1014,6 +1100,139 @@ mod tests {
         actions.merge(scratch);
         assert_eq!(actions.len(), ids.len());
         assert_eq!(actions.hot(&old), Some(&rebuilt));
+    }
+
+    #[test]
+    fn folding_summaries_then_whole_events_gives_the_same_actions() {
+        let reviewer = principal("rev", PrincipalKind::Human);
+        let (allowed, approved, pending) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut history: Vec<(Uuid, Vec<ActionEvent>)> = vec![
+            (
+                allowed,
+                check(ActionStatus::Allowed, "agent-1", "deploy.apply").into(),
+            ),
+            (
+                approved,
+                check(ActionStatus::Pending, "agent-2", "iam.role.grant").into(),
+            ),
+            (
+                pending,
+                check(ActionStatus::Pending, "agent-2", "db.drop").into(),
+            ),
+        ];
+        history.push((
+            approved,
+            vec![ActionEvent::Voted(ReviewVoted {
+                reviewer: reviewer.clone(),
+                verdict: Verdict::Approve,
+                reason: "ok".into(),
+            })],
+        ));
+        history.push((
+            approved,
+            vec![ActionEvent::Approved(ActionApproved {
+                valid_until: at(5_000),
+                approved_by: vec!["rev".into()],
+            })],
+        ));
+        history.push((
+            allowed,
+            vec![ActionEvent::OutcomeReported(OutcomeReported {
+                outcome: Outcome::Executed,
+                details: "done".into(),
+            })],
+        ));
+        history.push((
+            pending,
+            vec![ActionEvent::Voted(ReviewVoted {
+                reviewer,
+                verdict: Verdict::Approve,
+                reason: "one of two".into(),
+            })],
+        ));
+        let (mut whole, mut log) = (Actions::default(), Log::new());
+        for (id, events) in history {
+            log.append(&mut whole, id, events);
+        }
+
+        // Every split point between summaries and whole events.
+        for split in 0..=log.events.len() {
+            let mut mixed = Actions::with_hot_limit(0);
+            for (n, (context, event)) in log.events.iter().cloned().enumerate() {
+                if n < split {
+                    let payload = serde_json::to_string(&event.to_payload().unwrap()).unwrap();
+                    let summary = EventSummary::from_json(event.kind(), &payload)
+                        .unwrap()
+                        .unwrap();
+                    mixed.apply_summary(context, summary).unwrap();
+                } else {
+                    mixed.apply_owned(context, event).unwrap();
+                }
+                mixed.cool();
+            }
+            for (id, sequences) in mixed.cold_pending() {
+                let events = log
+                    .of(id)
+                    .into_iter()
+                    .filter(|(context, _)| sequences.contains(&context.sequence));
+                let record = Actions::rebuild(id, events).unwrap();
+                mixed.insert_loaded(record, sequences);
+            }
+            for id in [allowed, approved, pending] {
+                let rebuilt = match mixed.lookup(&id).unwrap() {
+                    Lookup::Hot(record) => record.clone(),
+                    Lookup::Cold(sequences) => {
+                        let events = log
+                            .of(id)
+                            .into_iter()
+                            .filter(|(context, _)| sequences.contains(&context.sequence));
+                        Actions::rebuild(id, events).unwrap()
+                    }
+                };
+                assert_eq!(Some(&rebuilt), whole.hot(&id), "split at {split}");
+                assert_eq!(mixed.requester_of(&id), whole.requester_of(&id));
+            }
+            assert!(mixed.hot(&pending).is_some(), "split at {split}");
+            assert_eq!(mixed.next_expiry(), whole.next_expiry(), "split at {split}");
+            assert_eq!(mixed.pending_count(), 1);
+            assert_eq!(mixed.applied_sequence(), whole.applied_sequence());
+            for status in [ActionStatus::Allowed, ActionStatus::Approved] {
+                assert_eq!(mixed.count_with_status(status), 1, "split at {split}");
+            }
+            assert_eq!(
+                mixed.by_idempotency_key("agent-2", "key-of-agent-2-db.drop"),
+                Some(pending)
+            );
+        }
+    }
+
+    #[test]
+    fn a_summary_cannot_change_a_record_held_in_full() {
+        let mut actions = Actions::default();
+        let mut log = Log::new();
+        let id = Uuid::now_v7();
+        log.append(
+            &mut actions,
+            id,
+            check(ActionStatus::Pending, "agent-1", "db.drop").into(),
+        );
+        let context = EventContext {
+            sequence: 3,
+            time: at(3),
+            action_id: id,
+        };
+        let summary = EventSummary::Other {
+            status_after: Some(ActionStatus::Approved),
+            audit_only: false,
+        };
+        assert_eq!(
+            actions.apply_summary(context, summary),
+            Err(ApplyError::NeedsWholeEvent {
+                sequence: 3,
+                action_id: id
+            })
+        );
+        assert_eq!(actions.hot(&id).unwrap().status, ActionStatus::Pending);
     }
 
     #[test]
