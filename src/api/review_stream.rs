@@ -185,8 +185,13 @@ impl ReviewerStream {
             ) else {
                 continue;
             };
-            let Ok(Some(record)) = self.core.ledger.action(&action_id) else {
-                continue;
+            let record = match self.core.ledger.action(&action_id) {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(_) => {
+                    self.resync("an action could not be read back; take a fresh snapshot")?;
+                    return Err("action read failed");
+                }
             };
             if let Some(message) = self.message(event.sequence, &decoded, &record) {
                 self.tx

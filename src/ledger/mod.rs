@@ -589,8 +589,9 @@ impl Drop for Ledger {
     }
 }
 
-/// Rebuilds a settled action's record from its events in the log. Each event's own hash is
-/// checked; the chain as a whole was verified at start-up.
+/// Rebuilds an action's record from its events in the log: a settled action no longer in
+/// memory, or at start-up one still pending. Each event's own hash is checked; the chain as
+/// a whole was verified at start-up.
 fn load_record(log: &EventLog, id: Uuid, sequences: &[u64]) -> Result<ActionRecord, LedgerError> {
     let mut events = Vec::with_capacity(sequences.len());
     for &sequence in sequences {
