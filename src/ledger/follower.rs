@@ -74,8 +74,14 @@ pub trait Consumer<S>: Send + Sync + 'static {
     /// stands for one. Called only once the item before it was accepted, so what the item
     /// shows of the state (an action's record) is as current as it can be. Events no item
     /// stands for are passed over: the cursor moves past them with the next item, or at the
-    /// end of the batch.
-    fn next_item(&mut self, source: &S, events: &[StoredEvent]) -> Option<(usize, Self::Item)>;
+    /// end of the batch. `Err` when the item cannot be built now (its action's record
+    /// cannot be read back): it is reported, and the follower reads again from its cursor
+    /// after a pause, so nothing is skipped.
+    fn next_item(
+        &mut self,
+        source: &S,
+        events: &[StoredEvent],
+    ) -> Result<Option<(usize, Self::Item)>, String>;
 
     /// One attempt to hand `item` over; `Ok` once the receiver accepted it.
     fn hand_over(&self, item: &Self::Item) -> impl Future<Output = Result<(), Self::Error>> + Send;
@@ -215,7 +221,7 @@ impl<S: Source, C: Consumer<S>> Follower<S, C> {
     /// The loop; returns when the server stops (or the ledger or runtime is gone).
     async fn follow(&mut self) {
         let mut applied = self.source.watch_applied();
-        loop {
+        'reading: loop {
             let cursor = self.progress.through();
             // Wait until there is something after the cursor that readers may see.
             let visible = *applied.borrow_and_update();
@@ -252,7 +258,18 @@ impl<S: Source, C: Consumer<S>> Follower<S, C> {
             };
             let last = events.last().map_or(cursor, |e| e.sequence);
             let mut rest = events.as_slice();
-            while let Some((end, item)) = self.consumer.next_item(&self.source, rest) {
+            loop {
+                let (end, item) = match self.consumer.next_item(&self.source, rest) {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(problem) => {
+                        self.progress.failed(&self.settings, &problem);
+                        if self.pause(self.settings.backoff.max).await {
+                            return;
+                        }
+                        continue 'reading;
+                    }
+                };
                 let end = end.min(rest.len() - 1);
                 let through = rest[end].sequence;
                 rest = &rest[end + 1..];

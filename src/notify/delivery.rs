@@ -84,11 +84,13 @@ impl<C: Channel> Consumer<Ledger> for Deliveries<C> {
         &mut self,
         ledger: &Ledger,
         events: &[StoredEvent],
-    ) -> Option<(usize, Notification)> {
-        events
-            .iter()
-            .enumerate()
-            .find_map(|(index, stored)| Some((index, notification(ledger, stored)?)))
+    ) -> Result<Option<(usize, Notification)>, String> {
+        for (index, stored) in events.iter().enumerate() {
+            if let Some(notification) = notification(ledger, stored)? {
+                return Ok(Some((index, notification)));
+            }
+        }
+        Ok(None)
     }
 
     fn hand_over(
@@ -99,25 +101,30 @@ impl<C: Channel> Consumer<Ledger> for Deliveries<C> {
     }
 }
 
-/// The notification `stored` stands for, with its action's record as it is now.
-fn notification(ledger: &Ledger, stored: &StoredEvent) -> Option<Notification> {
-    let trigger = trigger(stored)?;
+/// The notification `stored` stands for, with its action's record as it is now. `Err`
+/// when the record cannot be read back from the log (tried again later).
+fn notification(ledger: &Ledger, stored: &StoredEvent) -> Result<Option<Notification>, String> {
+    let Some(trigger) = trigger(stored) else {
+        return Ok(None);
+    };
     let record = match ledger.action(&trigger.action_id) {
         Ok(Some(record)) => record,
         Ok(None) => {
             tracing::error!(sequence = stored.sequence, action_id = %trigger.action_id, "an event names an unknown action; not notified");
-            return None;
+            return Ok(None);
         }
         Err(e) => {
-            tracing::error!(sequence = stored.sequence, action_id = %trigger.action_id, error = %e, "the action's record cannot be read; not notified");
-            return None;
+            return Err(format!(
+                "action {} (event {}) cannot be read back: {e}",
+                trigger.action_id, stored.sequence
+            ));
         }
     };
-    Some(Notification {
+    Ok(Some(Notification {
         kind: trigger.kind,
         sequence: stored.sequence,
         at: stored.time,
         record,
         resolution: trigger.resolution,
-    })
+    }))
 }

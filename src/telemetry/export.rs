@@ -162,12 +162,12 @@ impl Consumer<Ledger> for SpanSink {
         &mut self,
         ledger: &Ledger,
         events: &[StoredEvent],
-    ) -> Option<(usize, Vec<SpanData>)> {
-        let batch: Vec<SpanData> = build_spans(ledger, events)
+    ) -> Result<Option<(usize, Vec<SpanData>)>, String> {
+        let batch: Vec<SpanData> = build_spans(ledger, events)?
             .into_iter()
             .map(|span| span_data(span, &self.scope))
             .collect();
-        (!batch.is_empty()).then(|| (events.len().saturating_sub(1), batch))
+        Ok((!batch.is_empty()).then(|| (events.len().saturating_sub(1), batch)))
     }
 
     fn hand_over(
@@ -178,8 +178,9 @@ impl Consumer<Ledger> for SpanSink {
     }
 }
 
-/// The spans the events close, built against the current state of their actions.
-fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Vec<SpanModel> {
+/// The spans the events close, built against the current state of their actions. `Err`
+/// when an action's record cannot be read back from the log (tried again later).
+fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Result<Vec<SpanModel>, String> {
     let mut spans = Vec::new();
     for stored in events {
         let Some(action_id) = stored.action_id else {
@@ -200,8 +201,10 @@ fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Vec<SpanModel> {
                 continue;
             }
             Err(e) => {
-                tracing::error!(sequence = stored.sequence, %action_id, error = %e, "the action's record cannot be read; no span for it");
-                continue;
+                return Err(format!(
+                    "action {action_id} (event {}) cannot be read back: {e}",
+                    stored.sequence
+                ));
             }
         };
         spans.extend(spans::spans_for(
@@ -213,7 +216,7 @@ fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Vec<SpanModel> {
             &record,
         ));
     }
-    spans
+    Ok(spans)
 }
 
 /// The OpenTelemetry SDK's form of a span model.

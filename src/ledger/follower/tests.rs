@@ -118,6 +118,8 @@ struct Receiver {
     down: AtomicBool,
     /// How long each attempt takes.
     delay: Mutex<Duration>,
+    /// Items still to fail to build.
+    failing_builds: AtomicUsize,
 }
 
 /// Hands over to a [`Receiver`]: one item per `notice` event, or, `whole_batch`, one item
@@ -135,16 +137,21 @@ impl Consumer<MemorySource> for TestConsumer {
         &mut self,
         _source: &MemorySource,
         events: &[StoredEvent],
-    ) -> Option<(usize, Vec<u64>)> {
+    ) -> Result<Option<(usize, Vec<u64>)>, String> {
         if self.whole_batch {
             let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
-            return events
+            return Ok(events
                 .iter()
                 .any(|e| e.kind == "notice")
-                .then(|| (events.len() - 1, sequences));
+                .then(|| (events.len() - 1, sequences)));
         }
-        let index = events.iter().position(|e| e.kind == "notice")?;
-        Some((index, vec![events[index].sequence]))
+        let Some(index) = events.iter().position(|e| e.kind == "notice") else {
+            return Ok(None);
+        };
+        if take_one(&self.receiver.failing_builds) {
+            return Err("the record cannot be read back".to_string());
+        }
+        Ok(Some((index, vec![events[index].sequence])))
     }
 
     fn hand_over(&self, item: &Vec<u64>) -> impl Future<Output = Result<(), String>> + Send {
@@ -349,6 +356,33 @@ async fn a_log_that_cannot_be_read_is_reported_and_read_again() {
         running.progress.through() == 1
     })
     .await;
+    assert_eq!(running.progress.consecutive_failures(), 0);
+}
+
+#[tokio::test]
+async fn an_item_that_cannot_be_built_is_reported_and_built_again_never_skipped() {
+    let source = MemorySource::new();
+    source.commit(&["notice", "other", "notice"]);
+    let mut slow_retry = settings(256);
+    slow_retry.backoff.max = Duration::from_millis(200);
+    let running = follow(&source, false, slow_retry);
+    // The first build fails before anything is handed over (the task first runs at the
+    // first await below): the cursor must not move past the event it stands for.
+    running.receiver.failing_builds.store(1, Ordering::SeqCst);
+
+    until("the failed build reported", || {
+        running.progress.consecutive_failures() == 1
+    })
+    .await;
+    assert_eq!(
+        running.progress.last_error().as_deref(),
+        Some("the record cannot be read back")
+    );
+    assert!(running.receiver.accepted.lock().is_empty());
+    assert!(source.saves().is_empty(), "the cursor stayed where it was");
+    until("both notices accepted", || running.progress.through() == 3).await;
+    assert_eq!(*running.receiver.accepted.lock(), vec![vec![1], vec![3]]);
+    assert_eq!(source.saves(), vec![1, 3]);
     assert_eq!(running.progress.consecutive_failures(), 0);
 }
 
