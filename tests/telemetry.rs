@@ -498,6 +498,7 @@ async fn prometheus_metrics_and_status_show_decisions_pending_work_and_export_la
         r#"countersign_decisions_total{status="allowed",risk="low"} 3"#,
         r#"countersign_decisions_total{status="pending",risk="critical"} 1"#,
         "countersign_pending_actions 1",
+        "countersign_action_records_in_memory 4",
         "countersign_await_waiters 0",
         "countersign_reviewer_streams 0",
         // Two events per action, none accepted by a collector.

@@ -36,6 +36,8 @@ struct DecisionLabels {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Sample {
     pub pending_actions: u64,
+    /// Action records held whole in memory: pending and recently settled ones.
+    pub records_in_memory: u64,
     pub await_waiters: u64,
     pub reviewer_streams: u64,
     /// Events recorded but not yet accepted by the collector (0 without export).
@@ -77,6 +79,7 @@ impl Sources {
         let applied = {
             let actions = ledger.actions();
             sample.pending_actions = actions.pending_count() as u64;
+            sample.records_in_memory = actions.hot_count() as u64;
             actions.applied_sequence()
         };
         sample.await_waiters = ledger.waiter_count() as u64;
@@ -108,6 +111,7 @@ pub struct Metrics {
     review_wait: Histogram,
     flush: Histogram,
     pending_actions: Gauge,
+    records_in_memory: Gauge,
     await_waiters: Gauge,
     reviewer_streams: Gauge,
     export_lag_events: Gauge,
@@ -148,6 +152,12 @@ impl Metrics {
             "Actions waiting for reviewers",
             pending_actions.clone(),
         );
+        let records_in_memory = Gauge::default();
+        registry.register(
+            "action_records_in_memory",
+            "Action records held whole in memory (pending and recently settled; the rest are read from the log)",
+            records_in_memory.clone(),
+        );
         let await_waiters = Gauge::default();
         registry.register(
             "await_waiters",
@@ -182,6 +192,7 @@ impl Metrics {
             review_wait,
             flush,
             pending_actions,
+            records_in_memory,
             await_waiters,
             reviewer_streams,
             export_lag_events,
@@ -195,6 +206,7 @@ impl Metrics {
     pub fn render(&self) -> Result<String, std::fmt::Error> {
         let sample = self.sources.sample();
         self.pending_actions.set(to_i64(sample.pending_actions));
+        self.records_in_memory.set(to_i64(sample.records_in_memory));
         self.await_waiters.set(to_i64(sample.await_waiters));
         self.reviewer_streams.set(to_i64(sample.reviewer_streams));
         self.export_lag_events.set(to_i64(sample.export_lag_events));
@@ -258,6 +270,11 @@ fn otel_instruments(meter: &Meter, sources: &Arc<Sources>) -> OtelInstruments {
         "countersign.actions.pending",
         "Actions waiting for reviewers",
         |s| s.pending_actions,
+    );
+    gauge(
+        "countersign.actions.records_in_memory",
+        "Action records held whole in memory",
+        |s| s.records_in_memory,
     );
     gauge(
         "countersign.await.waiters",
