@@ -56,6 +56,10 @@ pub struct LoadArgs {
     /// server).
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub client_threads: usize,
+    /// Give every check an idempotency key of its own, as careful agents do (the server
+    /// then also indexes each action by its key).
+    #[arg(long)]
+    pub idempotency_keys: bool,
 }
 
 /// A path through the shipped policies.
@@ -425,12 +429,17 @@ struct CheckDriver {
     mix: Arc<Mix>,
     /// Built once per path and cloned per call, as a client with a fixed action would.
     requests: Arc<[proto::CheckActionRequest; 3]>,
+    /// A fresh idempotency key per call.
+    keyed: bool,
 }
 
 impl Driver for CheckDriver {
     async fn call(&mut self, r: u64) -> Result<CallOk, CallErr> {
         let path = self.mix.pick(r);
-        let request = self.requests[path as usize].clone();
+        let mut request = self.requests[path as usize].clone();
+        if self.keyed {
+            request.idempotency_key = uuid::Uuid::now_v7().to_string();
+        }
         match self.client.check_action(request).await {
             Ok(response) => {
                 let status = response.into_inner().status();
@@ -474,6 +483,7 @@ async fn run_check_action(
             client: ActionGateClient::new(service),
             mix: mix.clone(),
             requests: requests.clone(),
+            keyed: args.idempotency_keys,
         }
     })
     .await?;

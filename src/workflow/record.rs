@@ -268,8 +268,9 @@ impl Table {
 #[derive(Debug)]
 pub struct Actions {
     by_id: Table,
-    /// (requester id, idempotency key) → action.
-    by_idempotency_key: HashMap<(String, String), Uuid>,
+    /// SHA-256 of (requester id, idempotency key) → action: 32 bytes an entry however long
+    /// the two are (up to 256 and 128 bytes), and lookups without allocating.
+    by_idempotency_key: HashMap<IdempotencySlot, Uuid>,
     /// Pending actions by expiry, for the expiry timer.
     pending_by_expiry: BTreeSet<(DateTime<Utc>, Uuid)>,
     /// The sequence number of the last event folded in.
@@ -350,10 +351,8 @@ impl Actions {
 
     /// The action a requester's idempotency key names, hot or cold.
     pub fn by_idempotency_key(&self, requester_id: &str, key: &str) -> Option<Uuid> {
-        // Allocation-free lookup would need a borrowed key type; keys are short, so the
-        // two small clones are cheaper than the complexity.
         self.by_idempotency_key
-            .get(&(requester_id.to_string(), key.to_string()))
+            .get(&IdempotencySlot::of(requester_id, key))
             .copied()
     }
 
@@ -556,8 +555,10 @@ impl Actions {
         }
         let key = &requested.request.idempotency_key;
         if !key.is_empty() {
-            self.by_idempotency_key
-                .insert((requested.requester.id.clone(), key.clone()), at.action_id);
+            self.by_idempotency_key.insert(
+                IdempotencySlot::of(&requested.requester.id, key),
+                at.action_id,
+            );
         }
         let requester_id = intern(&mut self.names, &requested.requester.id);
         let action_type = intern(&mut self.names, &requested.request.action.action_type);
@@ -625,8 +626,10 @@ impl Actions {
                     ticket: 0,
                 };
                 if !idempotency_key.is_empty() {
-                    self.by_idempotency_key
-                        .insert((requester_id, idempotency_key), at.action_id);
+                    self.by_idempotency_key.insert(
+                        IdempotencySlot::of(&requester_id, &idempotency_key),
+                        at.action_id,
+                    );
                 }
                 self.by_id.insert(at.action_id, entry);
             }
@@ -782,6 +785,23 @@ impl Actions {
             entry.ticket = self.next_ticket;
             self.cooling.push_back((self.next_ticket, id));
         }
+    }
+}
+
+/// Where an idempotency key is indexed: the SHA-256 of the requester id and the key, each
+/// length-prefixed so no two pairs share an encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct IdempotencySlot([u8; 32]);
+
+impl IdempotencySlot {
+    fn of(requester_id: &str, key: &str) -> IdempotencySlot {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for part in [requester_id, key] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+        IdempotencySlot(hasher.finalize().into())
     }
 }
 
@@ -1233,6 +1253,22 @@ mod tests {
             })
         );
         assert_eq!(actions.hot(&id).unwrap().status, ActionStatus::Pending);
+    }
+
+    #[test]
+    fn idempotency_slots_keep_requester_and_key_apart() {
+        assert_ne!(
+            IdempotencySlot::of("agent-ab", "c"),
+            IdempotencySlot::of("agent-a", "bc")
+        );
+        assert_ne!(
+            IdempotencySlot::of("agent-1", "k"),
+            IdempotencySlot::of("agent-2", "k")
+        );
+        assert_eq!(
+            IdempotencySlot::of("agent-1", "k"),
+            IdempotencySlot::of("agent-1", "k")
+        );
     }
 
     #[test]
