@@ -231,26 +231,34 @@ impl Writer {
     fn plan_check(&self, check: NewCheck, batch: &mut Batch) -> Result<(Uuid, bool), LedgerError> {
         let requester = &check.requested.requester.id;
         let key = &check.requested.request.idempotency_key;
-        if !key.is_empty() {
-            let existing = batch
+        // One look at the shared state for both questions: this is CheckAction's path.
+        let (existing, taken) = {
+            let shared = self.state.read();
+            let existing = (!key.is_empty())
+                .then(|| {
+                    batch
+                        .scratch
+                        .by_idempotency_key(requester, key)
+                        .or_else(|| shared.by_idempotency_key(requester, key))
+                })
+                .flatten();
+            let taken =
+                batch.scratch.contains(&check.action_id) || shared.contains(&check.action_id);
+            (existing, taken)
+        };
+        if let Some(existing) = existing {
+            self.hold(existing, batch)?;
+            let record = batch
                 .scratch
-                .by_idempotency_key(requester, key)
-                .or_else(|| self.state.read().by_idempotency_key(requester, key));
-            if let Some(existing) = existing {
-                self.hold(existing, batch)?;
-                let record = batch
-                    .scratch
-                    .hot(&existing)
-                    .ok_or(LedgerError::NotFound(existing))?;
-                return if record.action_digest == check.requested.action_digest {
-                    Ok((existing, false))
-                } else {
-                    Err(LedgerError::IdempotencyConflict { existing })
-                };
-            }
+                .hot(&existing)
+                .ok_or(LedgerError::NotFound(existing))?;
+            return if record.action_digest == check.requested.action_digest {
+                Ok((existing, false))
+            } else {
+                Err(LedgerError::IdempotencyConflict { existing })
+            };
         }
-        if batch.scratch.contains(&check.action_id) || self.state.read().contains(&check.action_id)
-        {
+        if taken {
             return Err(LedgerError::WriteFailed(format!(
                 "action id {} is already taken",
                 check.action_id

@@ -144,7 +144,8 @@ pub enum Lookup<'a> {
     /// In full: pending, or settled recently enough to stay in memory.
     Hot(&'a ActionRecord),
     /// Only where its events are in the log, oldest first: rebuild it with
-    /// [`Actions::rebuild`]. A cold action is always settled.
+    /// [`Actions::rebuild`]. A cold action is settled once start-up has rebuilt the pending
+    /// ones (it skips that only for a log that failed, when writes are refused).
     Cold(&'a [u64]),
 }
 
@@ -547,21 +548,12 @@ impl Actions {
         at: EventContext,
         requested: ActionRequested,
     ) -> Result<(), ApplyError> {
-        if self.by_id.contains_key(&at.action_id) {
-            return Err(ApplyError::DuplicateRequest {
-                sequence: at.sequence,
-                action_id: at.action_id,
-            });
-        }
-        let key = &requested.request.idempotency_key;
-        if !key.is_empty() {
-            self.by_idempotency_key.insert(
-                IdempotencySlot::of(&requested.requester.id, key),
-                at.action_id,
-            );
-        }
-        let requester_id = intern(&mut self.names, &requested.requester.id);
-        let action_type = intern(&mut self.names, &requested.request.action.action_type);
+        let mut entry = self.new_entry(
+            at,
+            &requested.requester.id,
+            &requested.request.action.action_type,
+            &requested.request.idempotency_key,
+        )?;
         let record = ActionRecord {
             id: at.action_id,
             requester: requested.requester,
@@ -582,18 +574,40 @@ impl Actions {
             first_sequence: at.sequence,
             last_sequence: at.sequence,
         };
-        self.by_id.insert(
-            at.action_id,
-            Entry {
-                status: ActionStatus::Pending,
-                requester_id,
-                action_type,
-                sequences: smallvec![at.sequence],
-                record: Some(Box::new(record)),
-                ticket: 0,
-            },
-        );
+        entry.record = Some(Box::new(record));
+        self.by_id.insert(at.action_id, entry);
         Ok(())
+    }
+
+    /// The entry of a newly requested action (pending until its evaluation is applied,
+    /// no record yet), its idempotency key indexed; the caller inserts it.
+    fn new_entry(
+        &mut self,
+        at: EventContext,
+        requester_id: &str,
+        action_type: &str,
+        idempotency_key: &str,
+    ) -> Result<Entry, ApplyError> {
+        if self.by_id.contains_key(&at.action_id) {
+            return Err(ApplyError::DuplicateRequest {
+                sequence: at.sequence,
+                action_id: at.action_id,
+            });
+        }
+        if !idempotency_key.is_empty() {
+            self.by_idempotency_key.insert(
+                IdempotencySlot::of(requester_id, idempotency_key),
+                at.action_id,
+            );
+        }
+        Ok(Entry {
+            status: ActionStatus::Pending,
+            requester_id: intern(&mut self.names, requester_id),
+            action_type: intern(&mut self.names, action_type),
+            sequences: smallvec![at.sequence],
+            record: None,
+            ticket: 0,
+        })
     }
 
     /// Folds an event known only by its summary into a cold entry (start-up, for events
@@ -611,26 +625,7 @@ impl Actions {
                 action_type,
                 idempotency_key,
             } => {
-                if self.by_id.contains_key(&at.action_id) {
-                    return Err(ApplyError::DuplicateRequest {
-                        sequence: at.sequence,
-                        action_id: at.action_id,
-                    });
-                }
-                let entry = Entry {
-                    status: ActionStatus::Pending,
-                    requester_id: intern(&mut self.names, &requester_id),
-                    action_type: intern(&mut self.names, &action_type),
-                    sequences: smallvec![at.sequence],
-                    record: None,
-                    ticket: 0,
-                };
-                if !idempotency_key.is_empty() {
-                    self.by_idempotency_key.insert(
-                        IdempotencySlot::of(&requester_id, &idempotency_key),
-                        at.action_id,
-                    );
-                }
+                let entry = self.new_entry(at, &requester_id, &action_type, &idempotency_key)?;
                 self.by_id.insert(at.action_id, entry);
             }
             EventSummary::Other {
