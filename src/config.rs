@@ -49,6 +49,10 @@ pub struct ServerConfig {
     pub reviewer_stall_timeout: Duration,
     /// Settled action records kept in full in memory; older ones are read from the log.
     pub settled_in_memory: usize,
+    /// Events between checkpoints of the action state; 0: no checkpoints.
+    pub checkpoint_every: u64,
+    /// Verify the whole event log before serving rather than right after.
+    pub verify_before_serving: bool,
     pub auth: AuthSettings,
     pub roles: RolesConfig,
     /// Where the event log is exported as spans (and metrics pushed); `None`: not at all.
@@ -122,6 +126,8 @@ impl ServerConfig {
             max_await: DEFAULT_MAX_AWAIT,
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
             settled_in_memory: crate::ledger::DEFAULT_SETTLED_IN_MEMORY,
+            checkpoint_every: crate::ledger::DEFAULT_CHECKPOINT_EVERY,
+            verify_before_serving: false,
             auth: AuthSettings::Development,
             tls: None,
             roles: RolesConfig::default(),
@@ -171,6 +177,8 @@ pub struct ConfigFile {
     pub decisions: DecisionsSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub event_log: EventLogSection,
     /// Absent: development identity (loopback only).
     pub auth: Option<AuthSection>,
     /// Absent: plaintext (loopback only).
@@ -187,6 +195,19 @@ pub struct ConfigFile {
     #[serde(default)]
     pub webhooks: Vec<WebhookSection>,
 }
+
+/// `[event_log]`: checkpoints and start-up verification.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventLogSection {
+    /// Events between checkpoints of the action state (0: none).
+    pub checkpoint_every_events: Option<u64>,
+    /// Verify the whole chain before serving (start-up then reads the whole log).
+    pub verify_before_serving: Option<bool>,
+}
+
+/// Checkpoints closer than this would rewrite the whole state for a handful of events.
+pub const MIN_CHECKPOINT_EVERY: u64 = 1_000;
 
 /// `[telemetry]`: OpenTelemetry export. The standard `OTEL_*` variables override it.
 #[derive(Debug, Default, Deserialize)]
@@ -353,6 +374,22 @@ pub fn resolve(
             }
             config.settled_in_memory = v;
         }
+        if let Some(v) = file.event_log.checkpoint_every_events {
+            if v != 0 && v < MIN_CHECKPOINT_EVERY {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "event_log.checkpoint_every_events",
+                    problem: format!(
+                        "must be 0 (no checkpoints) or at least {MIN_CHECKPOINT_EVERY}: each \
+                         checkpoint rewrites the whole action state"
+                    ),
+                });
+            }
+            config.checkpoint_every = v;
+        }
+        if let Some(v) = file.event_log.verify_before_serving {
+            config.verify_before_serving = v;
+        }
         let telemetry = file.telemetry;
         if let Some(name) = &telemetry.service_name
             && name.trim().is_empty()
@@ -489,12 +526,35 @@ mod tests {
         assert_eq!(config.times.default_pending_ttl, Duration::from_secs(7200));
     }
 
+    fn resolved(text: &str) -> Result<ServerConfig, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        resolve(Some((Path::new("c.toml"), file)), Overrides::default())
+    }
+
+    #[test]
+    fn checkpoints_are_at_least_a_thousand_events_apart_or_off() {
+        let defaults = resolved("").unwrap();
+        assert_eq!(
+            defaults.checkpoint_every,
+            crate::ledger::DEFAULT_CHECKPOINT_EVERY
+        );
+        assert!(!defaults.verify_before_serving);
+        let off =
+            resolved("[event_log]\ncheckpoint_every_events = 0\nverify_before_serving = true")
+                .unwrap();
+        assert_eq!(off.checkpoint_every, 0);
+        assert!(off.verify_before_serving);
+        let err = resolved("[event_log]\ncheckpoint_every_events = 999").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("event_log.checkpoint_every_events"),
+            "{err}"
+        );
+        assert!(toml::from_str::<ConfigFile>("[event_log]\ncheckpoints = 5").is_err());
+    }
+
     #[test]
     fn settled_records_in_memory_are_bounded() {
-        let resolved = |text: &str| {
-            let file: ConfigFile = toml::from_str(text).unwrap();
-            resolve(Some((Path::new("c.toml"), file)), Overrides::default())
-        };
         assert_eq!(
             resolved("").unwrap().settled_in_memory,
             crate::ledger::DEFAULT_SETTLED_IN_MEMORY

@@ -30,7 +30,7 @@ use crate::auth::{
 use crate::config::{AuthSettings, ServerConfig};
 use crate::error_chain;
 use crate::ledger::follower::Progress;
-use crate::ledger::{Ledger, LedgerError, LedgerOptions, ReplayReport};
+use crate::ledger::{ChainCheck, Ledger, LedgerError, LedgerOptions, ReplayReport};
 use crate::policy::{PolicyError, PolicySet};
 use crate::proto;
 use crate::proto::action_gate_server::ActionGateServer;
@@ -219,6 +219,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let options = LedgerOptions {
         times: config.times,
         settled_in_memory: config.settled_in_memory,
+        checkpoint_every: config.checkpoint_every,
+        verify_before_serving: config.verify_before_serving,
     };
     let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir, options))
         .await
@@ -476,12 +478,21 @@ fn status_document(
         let actions = ledger.actions();
         (actions.len(), actions.hot_count())
     };
+    let verification = match ledger.chain_check() {
+        ChainCheck::Running => serde_json::json!({ "state": "running" }),
+        ChainCheck::Passed { events } => serde_json::json!({ "state": "passed", "events": events }),
+        ChainCheck::Failed { problem } => {
+            serde_json::json!({ "state": "failed", "problem": problem })
+        }
+    };
     serde_json::json!({
         "serving": refusal.is_none(),
         "write_refusal": refusal,
         "log": {
             "head_sequence": ledger.log().last_sequence(),
             "applied_sequence": ledger.actions().applied_sequence(),
+            // Of the whole chain since start-up (after it, when started from a checkpoint).
+            "verification": verification,
         },
         "policy_version": policies.get().version(),
         "actions": {
@@ -565,6 +576,8 @@ fn log_replay(config: &ServerConfig, replay: &ReplayReport) {
     tracing::info!(
         data_dir = %config.data_dir.display(),
         events = replay.events,
+        events_replayed = replay.events_replayed,
+        from_checkpoint = ?replay.from_checkpoint,
         actions = replay.actions,
         records_in_memory = replay.records_in_memory,
         head_sequence = replay.verification.head_sequence,
@@ -573,6 +586,11 @@ fn log_replay(config: &ServerConfig, replay: &ReplayReport) {
         verify_and_replay_ms = replay.replay_took.as_millis() as u64,
         "event log replayed"
     );
+    if replay.from_checkpoint.is_some() && !config.verify_before_serving {
+        tracing::info!(
+            "the events before the checkpoint are being verified; writes are refused if they fail"
+        );
+    }
     if let Some(problem) = &replay.integrity_problem {
         tracing::error!(
             problem = %problem,

@@ -276,11 +276,27 @@ async fn fill_log_writes_a_log_the_server_starts_on() {
         "2",
     ]))
     .await;
-    assert_eq!(started["events"], 400);
+    // fill-log stops like a server: with a checkpoint at its head, and the event for it.
+    assert_eq!(started["events"], 401);
     assert_eq!(started["actions"], 200);
     assert_eq!(
         started["seconds_to_serving"].as_array().map(Vec::len),
         Some(2)
     );
+    assert_eq!(started["from_checkpoint"], serde_json::json!([400, 400]));
+    assert_eq!(started["events_replayed"], serde_json::json!([1, 1]));
+
+    let whole: serde_json::Value = bench_json(args(&[
+        "startup",
+        "--data-dir",
+        data,
+        "--policies",
+        policies,
+        "--no-checkpoint",
+    ]))
+    .await;
+    assert_eq!(whole["from_checkpoint"], serde_json::json!([null]));
+    assert_eq!(whole["events_replayed"], serde_json::json!([401]));
+    assert_eq!(whole["actions"], 200);
     assert!(Path::new(data).exists());
 }

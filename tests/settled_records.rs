@@ -6,7 +6,10 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Caller, TestServer, Watchdog, check, http_get, shipped_policies, string};
+use common::{
+    Caller, TestServer, Watchdog, check, everything_readable, server_status, shipped_policies,
+    string,
+};
 use countersign::config::ServerConfig;
 use countersign::proto::{self, ActionStatus, Outcome, Verdict};
 use tonic::Code;
@@ -15,59 +18,6 @@ use tonic::Code;
 fn keep_one_settled(config: &mut ServerConfig) {
     config.settled_in_memory = 1;
     config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-}
-
-/// Everything a client can read about the actions: each one by id, and every page of
-/// ListActions (all, approved only, one requester's), two at a time.
-async fn everything(server: &TestServer, ids: &[String]) -> Vec<String> {
-    let mut reviewer = server.review(&Caller::human("carol", "security")).await;
-    let mut seen = Vec::new();
-    for id in ids {
-        let record = reviewer
-            .get_action(proto::GetActionRequest {
-                action_id: id.clone(),
-            })
-            .await
-            .expect("GetAction")
-            .into_inner();
-        seen.push(format!("{record:?}"));
-    }
-    for (status, requester_id) in [
-        (ActionStatus::Unspecified, ""),
-        (ActionStatus::Approved, ""),
-        (ActionStatus::Unspecified, "reader-bot"),
-    ] {
-        let mut page_token = String::new();
-        loop {
-            let page = reviewer
-                .list_actions(proto::ListActionsRequest {
-                    status: status as i32,
-                    requester_id: requester_id.into(),
-                    action_type: String::new(),
-                    page_size: 2,
-                    page_token,
-                })
-                .await
-                .expect("ListActions")
-                .into_inner();
-            seen.push(format!("{:?}", page.actions));
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            page_token = page.next_page_token;
-        }
-    }
-    seen
-}
-
-async fn status(server: &TestServer) -> serde_json::Value {
-    let metrics = server
-        .running
-        .as_ref()
-        .and_then(|running| running.metrics_addr())
-        .expect("metrics are served");
-    let (_, body) = http_get(metrics, "/status").await;
-    serde_json::from_str(&body).expect("status is JSON")
 }
 
 #[tokio::test]
@@ -133,7 +83,7 @@ async fn settled_actions_read_back_from_the_log_are_what_memory_held() {
             .into_inner();
         ids.push(allowed.action_id);
     }
-    let status_now = status(&server).await;
+    let status_now = server_status(&server).await;
     assert_eq!(status_now["actions"]["known"], 6);
     assert_eq!(
         status_now["actions"]["records_in_memory"], 2,
@@ -194,23 +144,36 @@ async fn settled_actions_read_back_from_the_log_are_what_memory_held() {
         .into_inner();
     assert!(awaited.is_final);
     assert_eq!(awaited.action.unwrap().votes.len(), 2);
-    let status_now = status(&server).await;
+    let status_now = server_status(&server).await;
     assert_eq!(status_now["actions"]["known"], 9);
     assert_eq!(status_now["actions"]["records_in_memory"], 2);
 
-    let from_the_log = everything(&server, &ids).await;
-    // A fresh start with every record in memory, folded from the same log.
-    server.tweak = |config| config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let from_the_log = everything_readable(&server, &ids).await;
+    // A fresh start with every record in memory, folded from the whole log (a start from
+    // the checkpoint the stop saves would hold only the pending record).
+    server.tweak = |config| {
+        config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.checkpoint_every = 0;
+    };
     server.restart().await;
-    assert_eq!(status(&server).await["actions"]["records_in_memory"], 9);
-    assert_eq!(everything(&server, &ids).await, from_the_log);
+    assert_eq!(
+        server_status(&server).await["actions"]["records_in_memory"],
+        9
+    );
+    assert_eq!(everything_readable(&server, &ids).await, from_the_log);
 
     // A start that keeps one settled record decodes most events only in part, and
     // rebuilds the pending action from the log: the same answers, and it can be reviewed.
-    server.tweak = keep_one_settled;
+    server.tweak = |config| {
+        keep_one_settled(config);
+        config.checkpoint_every = 0;
+    };
     server.restart().await;
-    assert_eq!(status(&server).await["actions"]["records_in_memory"], 2);
-    assert_eq!(everything(&server, &ids).await, from_the_log);
+    assert_eq!(
+        server_status(&server).await["actions"]["records_in_memory"],
+        2
+    );
+    assert_eq!(everything_readable(&server, &ids).await, from_the_log);
     let voted = server
         .review(&Caller::human("bob", "security"))
         .await

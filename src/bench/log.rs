@@ -22,7 +22,7 @@ use crate::api::validate;
 use crate::config::{self, ServerConfig};
 use crate::domain::{OnBehalfOfSource, Principal, PrincipalKind};
 use crate::ledger::NewCheck;
-use crate::ledger::{Ledger, LedgerOptions};
+use crate::ledger::{Ledger, LedgerOptions, ReplayReport};
 use crate::policy::{EvaluationInput, PolicySet};
 use crate::workflow::{ActionRequested, DecisionTimes, action_digest, evaluate_check};
 
@@ -62,6 +62,13 @@ pub struct StartupArgs {
     /// only if the caller dropped it).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub repeat: u32,
+    /// Ignore the log's checkpoints and replay it whole (`event_log.checkpoint_every_events
+    /// = 0`): the start-up of a log written before checkpoints, or with them off.
+    #[arg(long)]
+    pub no_checkpoint: bool,
+    /// Verify the whole chain before serving (`event_log.verify_before_serving`).
+    #[arg(long)]
+    pub verify_before_serving: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -83,6 +90,10 @@ struct StartupReport {
     actions: usize,
     /// Seconds from calling `server::start` to serving, one per start.
     seconds_to_serving: Vec<f64>,
+    /// Events read to rebuild the state, one per start.
+    events_replayed: Vec<u64>,
+    /// The last event of the checkpoint each start began from.
+    from_checkpoint: Vec<Option<u64>>,
 }
 
 /// Appends about `--events` events of realistic checks.
@@ -207,11 +218,15 @@ pub fn startup(args: &StartupArgs) -> Result<(), BenchError> {
         .build()
         .map_err(BenchError::Runtime)?;
     let mut seconds = Vec::new();
-    let mut replayed = (0, 0);
+    let mut replays = Vec::new();
     for _ in 0..args.repeat.max(1) {
         let mut config = ServerConfig::new(&args.data_dir, &args.policies);
         config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        let (took, events, actions) = runtime.block_on(async {
+        if args.no_checkpoint {
+            config.checkpoint_every = 0;
+        }
+        config.verify_before_serving = args.verify_before_serving;
+        let (took, replay) = runtime.block_on(async {
             let started = Instant::now();
             let running = crate::server::start(config)
                 .await
@@ -227,21 +242,31 @@ pub fn startup(args: &StartupArgs) -> Result<(), BenchError> {
                 .stop()
                 .await
                 .map_err(|e| BenchError::Failed(e.to_string()))?;
-            Ok::<(Duration, u64, usize), BenchError>((took, replay.events, replay.actions))
+            Ok::<(Duration, ReplayReport), BenchError>((took, replay))
         })?;
         seconds.push(took.as_secs_f64());
-        replayed = (events, actions);
+        replays.push(replay);
     }
+    let last = replays.last();
     let report = StartupReport {
         data_dir: args.data_dir.clone(),
-        events: replayed.0,
-        actions: replayed.1,
+        events: last.map_or(0, |r| r.events),
+        actions: last.map_or(0, |r| r.actions),
         seconds_to_serving: seconds,
+        events_replayed: replays.iter().map(|r| r.events_replayed).collect(),
+        from_checkpoint: replays.iter().map(|r| r.from_checkpoint).collect(),
     };
     let times: Vec<String> = report
         .seconds_to_serving
         .iter()
-        .map(|s| format!("{s:.2}s"))
+        .zip(&replays)
+        .map(|(s, r)| match r.from_checkpoint {
+            Some(covers) => format!(
+                "{s:.2}s (checkpoint at event {covers}, {} events after it)",
+                r.events_replayed
+            ),
+            None => format!("{s:.2}s (whole log)"),
+        })
         .collect();
     let text = format!(
         "{}: {} events, {} actions; serving after {}\n",

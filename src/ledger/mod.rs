@@ -18,6 +18,7 @@
 //! channels) are [`follower`]s: they follow the visible head from a durable cursor of
 //! their own, and the ledger knows nothing of what they feed.
 
+mod checkpoint;
 mod expiry;
 pub mod follower;
 mod waiters;
@@ -41,6 +42,8 @@ use crate::workflow::{
     ActionCommand, ActionEvent, ActionRecord, ActionRequested, ActionStatus, Actions,
     DecisionTimes, EventSummary, PolicyEvaluated, Refusal,
 };
+use checkpoint::Checkpointer;
+pub use checkpoint::{CHECKPOINTED, DEFAULT_CHECKPOINT_EVERY};
 use waiters::Waiters;
 
 /// How many commands one group commit takes at most. Bounds the latency a batch adds to
@@ -71,6 +74,13 @@ pub struct LedgerOptions {
     /// Settled records kept in full; older ones are read back from the log when asked
     /// for. Pending records always stay in memory.
     pub settled_in_memory: usize,
+    /// Save a checkpoint of the state every this many events (and at a clean stop), and
+    /// start from the newest one; 0: never, start-up replays the whole log.
+    pub checkpoint_every: u64,
+    /// Verify the whole chain before serving. Otherwise start-up from a checkpoint checks
+    /// the checkpoint and the events after it, serves, and verifies the whole chain on a
+    /// thread of its own, refusing writes if it fails.
+    pub verify_before_serving: bool,
 }
 
 impl Default for LedgerOptions {
@@ -78,6 +88,8 @@ impl Default for LedgerOptions {
         LedgerOptions {
             times: DecisionTimes::default(),
             settled_in_memory: DEFAULT_SETTLED_IN_MEMORY,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            verify_before_serving: false,
         }
     }
 }
@@ -182,10 +194,20 @@ enum Command {
 /// What start-up found in the log.
 #[derive(Debug, Clone)]
 pub struct ReplayReport {
+    /// Events in the log.
     pub events: u64,
+    /// Of those, the ones read to rebuild the state: those after the checkpoint it started
+    /// from, or all of them.
+    pub events_replayed: u64,
+    /// The last event the checkpoint start-up used includes, if it used one.
+    pub from_checkpoint: Option<u64>,
+    /// Why a checkpoint there was could not be used (start-up then replayed the whole log).
+    pub checkpoint_problem: Option<String>,
     pub actions: usize,
     /// Of those, the ones whose full record is in memory (pending and recently settled).
     pub records_in_memory: usize,
+    /// What was verified before serving: the whole chain, or the events after the
+    /// checkpoint (see [`Ledger::chain_check`] for the rest).
     pub verification: VerifyReport,
     /// Set when the log cannot be trusted; the ledger then refuses writes.
     pub integrity_problem: Option<String>,
@@ -210,6 +232,25 @@ pub struct Ledger {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Set once, by whoever keeps metrics; read by the writer.
     observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
+    /// Saves checkpoints; asked for a last one on drop.
+    checkpointer: Mutex<Option<Checkpointer>>,
+    /// The whole chain's verification, when it runs after start-up.
+    chain_check: Arc<Mutex<ChainCheck>>,
+    verifier: Mutex<Option<JoinHandle<()>>>,
+    stop_verifying: Arc<AtomicBool>,
+}
+
+/// Where the verification of the whole chain stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChainCheck {
+    /// Started from a checkpoint: the events before it are being verified.
+    Running,
+    Passed {
+        events: u64,
+    },
+    Failed {
+        problem: String,
+    },
 }
 
 /// Why the ledger refuses writes, if it does. Shared with the writer thread.
@@ -264,11 +305,15 @@ impl Health {
 }
 
 impl Ledger {
-    /// Opens the log in `data_dir`, verifies its chain and rebuilds the action state.
+    /// Opens the log in `data_dir`, verifies its chain and rebuilds the action state: from
+    /// the newest checkpoint and the events after it when there is a usable one, else from
+    /// the whole log.
     ///
     /// A log that fails verification still opens, so auditors can read and verify it, but
     /// the ledger then refuses every write: state folded from tampered events cannot be
-    /// trusted to decide anything.
+    /// trusted to decide anything. Started from a checkpoint (and unless
+    /// `verify_before_serving`), the events before it are verified once the ledger is open,
+    /// with the same consequence.
     pub fn open(
         data_dir: &Path,
         options: LedgerOptions,
@@ -276,58 +321,58 @@ impl Ledger {
         let LedgerOptions {
             times,
             settled_in_memory,
+            checkpoint_every,
+            verify_before_serving,
         } = options;
         let started = std::time::Instant::now();
         let log = Arc::new(EventLog::open(data_dir)?);
         let open_took = started.elapsed();
 
-        // The chain is checked and decoded in one read, on several threads, straight into
-        // typed events. Anything that does not check out sends start-up down the slow path:
-        // what was folded is dropped, and the log is verified and walked event by event,
-        // which locates the problem.
-        //
-        // Only the newest events are decoded whole: older ones are likely to belong to
-        // settled actions that will not stay in memory, so only what their entries keep is
-        // read (a fraction of the work, and no record built and dropped). Actions still
-        // pending at the end are rebuilt from their events.
-        let mut actions = Actions::with_hot_limit(settled_in_memory);
-        let mut fold_problem = None;
-        let whole_from = log
-            .last_sequence()
-            .saturating_sub(settled_in_memory.saturating_mul(WHOLE_EVENTS_PER_HELD) as u64);
-        let checked = log.verify_and_replay(
-            |raw| decode_for_replay(raw, whole_from),
-            |_, decoded| {
-                let folded = decoded.and_then(|decoded| fold_decoded(&mut actions, decoded));
-                if let Err(problem) = folded {
-                    fold_problem.get_or_insert(problem);
-                }
-                actions.cool();
-            },
-        );
-        if checked.is_some() && fold_problem.is_none() {
-            for loaded in load_records(&log, actions.cold_pending()) {
-                match loaded {
-                    Ok((record, sequences)) => actions.insert_loaded(record, sequences),
-                    Err(problem) => {
-                        fold_problem.get_or_insert(problem.to_string());
-                    }
-                }
-            }
+        let upfront = verify_before_serving.then(|| log.verify());
+        let mut checkpoint_problem = None;
+        let restored = match &upfront {
+            Some(report) if !report.ok => None,
+            _ if checkpoint_every == 0 => None,
+            _ => checkpoint::load(&log, settled_in_memory).unwrap_or_else(|e| {
+                checkpoint_problem = Some(e.to_string());
+                None
+            }),
+        };
+        let from_checkpoint = restored.as_ref().map(|r| (r.covers, r.event));
+        let mut replayed = restored.map(|r| fast_replay(&log, Some(r), settled_in_memory));
+        if let Some(attempt) = &replayed
+            && (attempt.checked.is_none() || attempt.fold_problem.is_some())
+        {
+            // The checkpoint, the events after it, or those of a pending action before it:
+            // replaying the whole log says which.
+            checkpoint_problem = Some(format!(
+                "starting from it failed ({})",
+                attempt
+                    .fold_problem
+                    .as_deref()
+                    .unwrap_or("the events after it do not verify from it")
+            ));
+            replayed = None;
         }
-        let (verification, events, integrity_problem) = match checked {
-            Some(verification) => {
-                let events = verification.events_checked;
-                (verification, events, fold_problem)
-            }
+        let from_checkpoint = from_checkpoint.filter(|_| replayed.is_some());
+        if let Some(problem) = &checkpoint_problem {
+            tracing::warn!(%problem, "the newest checkpoint cannot be used; replaying the whole event log");
+        }
+        let FastReplay {
+            mut actions,
+            checked,
+            fold_problem,
+        } = replayed.unwrap_or_else(|| fast_replay(&log, None, settled_in_memory));
+
+        let (verification, integrity_problem) = match checked {
+            Some(verification) => (verification, fold_problem),
             None => {
+                // The slow path: verify and walk event by event, which locates the problem.
                 actions = Actions::with_hot_limit(settled_in_memory);
-                let verification = log.verify();
+                let verification = upfront.clone().unwrap_or_else(|| log.verify());
                 let mut integrity_problem =
                     verification.problem.clone().filter(|_| !verification.ok);
-                let mut events = 0u64;
                 for stored in log.iter_from(1) {
-                    events += 1;
                     let folded = stored
                         .map_err(|e| e.to_string())
                         .and_then(|stored| fold(&mut actions, &stored).map_err(|e| e.to_string()));
@@ -336,7 +381,7 @@ impl Ledger {
                     }
                     actions.cool();
                 }
-                (verification, events, integrity_problem)
+                (verification, integrity_problem)
             }
         };
 
@@ -344,8 +389,20 @@ impl Ledger {
         if let Some(problem) = &integrity_problem {
             health.refuse(WriteRefusal::Integrity(problem.clone()));
         }
+        let chain_check = match (&integrity_problem, from_checkpoint, &upfront) {
+            (Some(problem), _, _) => ChainCheck::Failed {
+                problem: problem.clone(),
+            },
+            (None, Some(_), None) => ChainCheck::Running,
+            (None, _, _) => ChainCheck::Passed {
+                events: verification.head_sequence,
+            },
+        };
         let report = ReplayReport {
-            events,
+            events: log.last_sequence(),
+            events_replayed: verification.events_checked,
+            from_checkpoint: from_checkpoint.map(|(covers, _)| covers),
+            checkpoint_problem,
             actions: actions.len(),
             records_in_memory: actions.hot_count(),
             verification,
@@ -361,6 +418,18 @@ impl Ledger {
         let expiry_wakeup = Arc::new(Notify::new());
         let (applied_tx, applied) = watch::channel(state.read().applied_sequence());
         let observer = Arc::new(std::sync::OnceLock::new());
+        let checkpointer = (checkpoint_every > 0)
+            .then(|| {
+                let shared = checkpoint::Shared {
+                    log: log.clone(),
+                    state: state.clone(),
+                    health: health.clone(),
+                    commands: commands.downgrade(),
+                };
+                Checkpointer::start(shared, checkpoint_every, from_checkpoint.unwrap_or((0, 0)))
+            })
+            .transpose()
+            .map_err(|e| LedgerError::WriteFailed(format!("cannot start the checkpointer: {e}")))?;
         let writer = writer::Writer {
             observer: observer.clone(),
             applied: applied_tx,
@@ -371,11 +440,25 @@ impl Ledger {
             waiters: waiters.clone(),
             expiry_wakeup: expiry_wakeup.clone(),
             times,
+            checkpoints: checkpointer.as_ref().map(Checkpointer::trigger),
         };
         let handle = std::thread::Builder::new()
             .name("countersign-ledger".into())
             .spawn(move || writer.run(queue))
             .map_err(|e| LedgerError::WriteFailed(format!("cannot start the writer: {e}")))?;
+
+        let chain_check = Arc::new(Mutex::new(chain_check));
+        let stop_verifying = Arc::new(AtomicBool::new(false));
+        let verifier = (*chain_check.lock() == ChainCheck::Running)
+            .then(|| {
+                let (log, health) = (log.clone(), health.clone());
+                let (chain_check, stop) = (chain_check.clone(), stop_verifying.clone());
+                std::thread::Builder::new()
+                    .name("event-log-verify".into())
+                    .spawn(move || verify_after_start(&log, &health, &chain_check, &stop))
+            })
+            .transpose()
+            .map_err(|e| LedgerError::WriteFailed(format!("cannot start the verifier: {e}")))?;
 
         Ok((
             Ledger {
@@ -389,9 +472,19 @@ impl Ledger {
                 applied,
                 writer: Mutex::new(Some(handle)),
                 observer,
+                checkpointer: Mutex::new(checkpointer),
+                chain_check,
+                verifier: Mutex::new(verifier),
+                stop_verifying,
             },
             report,
         ))
+    }
+
+    /// Where the verification of the whole chain stands: it runs after start-up when the
+    /// state came from a checkpoint.
+    pub fn chain_check(&self) -> ChainCheck {
+        self.chain_check.lock().clone()
     }
 
     /// Reports commits to `observer` from now on. Only the first observer set counts.
@@ -572,6 +665,16 @@ impl Ledger {
 
 impl Drop for Ledger {
     fn drop(&mut self) {
+        // A last checkpoint at the head, while the writer still takes commands.
+        if let Some(mut checkpointer) = self.checkpointer.lock().take() {
+            checkpointer.finish();
+        }
+        self.stop_verifying.store(true, Ordering::Release);
+        if let Some(verifier) = self.verifier.lock().take()
+            && verifier.join().is_err()
+        {
+            tracing::error!("the event log verifier thread panicked");
+        }
         // Closing the queue ends the writer's loop after the queued commands. This sender
         // must be the last one: the join below blocks the thread dropping the ledger, often
         // a runtime thread, so the expiry timer (a weak sender, stopped when woken) never
@@ -631,6 +734,103 @@ fn load_record(log: &EventLog, id: Uuid, sequences: &[u64]) -> Result<ActionReco
     }
     Actions::rebuild(id, events)
         .map_err(|e| LedgerError::IntegrityFailure(format!("action {id} does not rebuild: {e}")))
+}
+
+/// The state rebuilt in one checked read of the log (from a checkpoint, or from event 1).
+struct FastReplay {
+    actions: Actions,
+    /// `None` when the events read did not verify: the caller walks the log instead.
+    checked: Option<VerifyReport>,
+    /// The first event that did not fold.
+    fold_problem: Option<String>,
+}
+
+/// Checks and decodes the events after `start` (or all of them) in one read on several
+/// threads, straight into typed events, and folds them onto its state; then rebuilds the
+/// actions still pending from their events.
+///
+/// Only the newest events are decoded whole: older ones are likely to belong to settled
+/// actions that will not stay in memory, so only what their entries keep is read (a
+/// fraction of the work, and no record built and dropped).
+fn fast_replay(
+    log: &EventLog,
+    start: Option<checkpoint::Restored>,
+    settled_in_memory: usize,
+) -> FastReplay {
+    let (mut actions, after) = match start {
+        Some(restored) => (
+            restored.actions,
+            Some((restored.covers, restored.covers_hash)),
+        ),
+        None => (Actions::with_hot_limit(settled_in_memory), None),
+    };
+    let mut fold_problem = None;
+    let whole_from = log
+        .last_sequence()
+        .saturating_sub(settled_in_memory.saturating_mul(WHOLE_EVENTS_PER_HELD) as u64);
+    let decode = |raw: RawEvent<'_>| decode_for_replay(raw, whole_from);
+    let mut fold = |_, decoded: Result<Decoded, String>| {
+        let folded = decoded.and_then(|decoded| fold_decoded(&mut actions, decoded));
+        if let Err(problem) = folded {
+            fold_problem.get_or_insert(problem);
+        }
+        actions.cool();
+    };
+    let checked = match after {
+        Some((covers, hash)) => log.verify_and_replay_after(covers, hash, decode, &mut fold),
+        None => log.verify_and_replay(decode, &mut fold),
+    };
+    if checked.is_some() && fold_problem.is_none() {
+        for loaded in load_records(log, actions.cold_pending()) {
+            match loaded {
+                Ok((record, sequences)) => actions.insert_loaded(record, sequences),
+                Err(problem) => {
+                    fold_problem.get_or_insert(problem.to_string());
+                }
+            }
+        }
+    }
+    FastReplay {
+        actions,
+        checked,
+        fold_problem,
+    }
+}
+
+/// Verifies the whole chain after a start from a checkpoint; a chain that fails makes the
+/// ledger refuse writes, as if it had failed before serving.
+fn verify_after_start(
+    log: &EventLog,
+    health: &Health,
+    chain_check: &Mutex<ChainCheck>,
+    stop: &AtomicBool,
+) {
+    let started = std::time::Instant::now();
+    let Some(report) = log.verify_unless(stop) else {
+        return;
+    };
+    let took_ms = started.elapsed().as_millis() as u64;
+    match report.problem.filter(|_| !report.ok) {
+        None => {
+            tracing::info!(
+                events = report.events_checked,
+                took_ms,
+                "the whole event log verified"
+            );
+            *chain_check.lock() = ChainCheck::Passed {
+                events: report.events_checked,
+            };
+        }
+        Some(problem) => {
+            tracing::error!(
+                %problem,
+                first_bad_sequence = ?report.first_bad_sequence,
+                "EVENT LOG FAILED VERIFICATION after start-up: countersign refuses new actions until an operator investigates"
+            );
+            health.refuse(WriteRefusal::Integrity(problem.clone()));
+            *chain_check.lock() = ChainCheck::Failed { problem };
+        }
+    }
 }
 
 /// Events decoded whole at start-up per settled record kept in memory: an action has two

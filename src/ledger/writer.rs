@@ -30,6 +30,8 @@ pub(super) struct Writer {
     pub(super) times: DecisionTimes,
     pub(super) applied: watch::Sender<u64>,
     pub(super) observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
+    /// Asked for a checkpoint as batches are applied; `None`: checkpoints are off.
+    pub(super) checkpoints: Option<super::checkpoint::Trigger>,
 }
 
 /// How a decided command will be answered once its batch is (or is not) durable.
@@ -337,7 +339,8 @@ impl Writer {
 
         let mut state = self.state.write();
         state.merge(scratch);
-        self.applied.send_replace(state.applied_sequence());
+        let applied = state.applied_sequence();
+        self.applied.send_replace(applied);
         let statuses: Vec<(Uuid, ActionStatus)> = touched
             .iter()
             .filter_map(|id| state.hot(id).map(|r| (*id, r.status)))
@@ -385,6 +388,9 @@ impl Writer {
         }
         // Freeing hundreds of records takes a while: not under the lock, not before answers.
         drop(cooled);
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.applied(applied);
+        }
     }
 
     /// The append failed: nothing of the batch is visible; tell every caller.

@@ -27,6 +27,14 @@
 //! posted an action's message) hold readers' working state. They are outside the chain:
 //! changing them never touches the evidence, and verification ignores them.
 //!
+//! Tree `checkpoints` holds saved copies of the ledger's state, each cut into pieces:
+//! key `covers (8 bytes big-endian) || piece index (4 bytes big-endian)` → up to 64 KiB, where
+//! `covers` is the last event the state includes. Tree `meta`, key `checkpoint`:
+//! `event sequence (8 bytes big-endian) || covers (8 bytes big-endian)`, the newest checkpoint
+//! and the event of the chain that vouches for it (it carries the checkpoint's digest). Both
+//! are outside the chain: this module stores the bytes and never interprets them, and a
+//! checkpoint that is missing or does not match its event only costs a longer start-up.
+//!
 //! A test can tamper with a stopped server's data directory through sled itself (once the server
 //! process has exited, which releases sled's lock): `sled::open(dir)?.open_tree("events")?`, get
 //! key `sequence.to_be_bytes()`, change byte `32 + offset_in_body` (or a byte below 32 to change
@@ -75,6 +83,7 @@ mod tests;
 
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -138,6 +147,14 @@ pub struct VerifyReport {
     pub head_hash: [u8; 32],
 }
 
+/// A checkpoint of the ledger's state: the events it includes (up to `covers`), and the
+/// event of the chain that vouches for its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointRef {
+    pub event: u64,
+    pub covers: u64,
+}
+
 /// The last event of the log, or `(0, zeros)` when it is empty.
 #[derive(Debug, Clone, Copy)]
 struct Head {
@@ -176,6 +193,10 @@ pub struct EventLog {
     /// Small values readers keep per key beside their cursor (the Slack deliverer's message
     /// of each action, so it can update it); not part of the chain either.
     notes: sled::Tree,
+    /// Saved copies of the ledger's state (see the module doc); not part of the chain.
+    checkpoints: sled::Tree,
+    /// Held while the newest checkpoint changes, so two savers cannot adopt out of order.
+    adopting: Mutex<()>,
     /// Held for the whole of `append`, so sequence numbers cannot race even if two threads call it.
     writer: Mutex<Writer>,
     /// The head of the last batch known durable. Readers look only at this, so they never wait
@@ -291,6 +312,7 @@ impl EventLog {
         let meta = db.open_tree("meta").map_err(open_err)?;
         let cursors = db.open_tree("cursors").map_err(open_err)?;
         let notes = db.open_tree("reader_notes").map_err(open_err)?;
+        let checkpoints = db.open_tree("checkpoints").map_err(open_err)?;
         let data_file =
             std::fs::File::open(dir.join("db")).map_err(|e| open_err(sled::Error::Io(e)))?;
         let blobs = BlobFiles::new(dir);
@@ -301,7 +323,7 @@ impl EventLog {
         if let Err(error) = sync_sled(&db, &blobs, &data_file) {
             // As after a failed append: dropping the handles would flush, which never returns.
             std::mem::forget((db.clone(), events.clone(), meta.clone()));
-            std::mem::forget((cursors.clone(), notes.clone()));
+            std::mem::forget((cursors.clone(), notes.clone(), checkpoints.clone()));
             return Err(open_err(error));
         }
 
@@ -362,6 +384,8 @@ impl EventLog {
             meta,
             cursors,
             notes,
+            checkpoints,
+            adopting: Mutex::new(()),
             writer: Mutex::new(Writer {
                 head,
                 refused,
@@ -544,8 +568,29 @@ impl EventLog {
         )
     }
 
+    /// [`EventLog::verify`], given up as soon as `stop` is set (`None` then): a verification
+    /// running in the background must not keep a stopping server's directory locked.
+    pub fn verify_unless(&self, stop: &AtomicBool) -> Option<VerifyReport> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let report = self.verify_inner(
+            threads.min(MAX_VERIFY_THREADS),
+            MIN_EVENTS_PER_VERIFY_THREAD,
+            stop,
+        );
+        (!stop.load(Ordering::Acquire)).then_some(report)
+    }
+
     /// [`EventLog::verify`] with its parallelism chosen by the caller (tests force slicing).
     fn verify_with(&self, max_threads: usize, min_events_per_thread: u64) -> VerifyReport {
+        self.verify_inner(max_threads, min_events_per_thread, &AtomicBool::new(false))
+    }
+
+    fn verify_inner(
+        &self,
+        max_threads: usize,
+        min_events_per_thread: u64,
+        stop: &AtomicBool,
+    ) -> VerifyReport {
         let head = self.durable_head();
         let (end, recorded) = match &self.mismatch {
             None => (
@@ -561,7 +606,12 @@ impl EventLog {
 
         // After a mismatch the end of the log is unknown, so it is walked in one piece.
         let slices = match self.mismatch {
-            None => self.verify_slices(head.sequence, end, max_threads, min_events_per_thread),
+            None => self.verify_slices(
+                head.sequence,
+                end,
+                (max_threads, min_events_per_thread),
+                stop,
+            ),
             Some(_) => Vec::new(),
         };
         let mut chain = Chain::genesis();
@@ -571,7 +621,7 @@ impl EventLog {
         let problem = if joined && !slices.is_empty() {
             None
         } else {
-            self.check_range(&mut chain, end)
+            self.check_range(&mut chain, end, stop)
         };
         let problem = problem
             .or_else(|| chain::compare_head(chain.last(), &recorded))
@@ -592,8 +642,8 @@ impl EventLog {
         &self,
         last: u64,
         end: Bound<[u8; 8]>,
-        max_threads: usize,
-        min_events_per_thread: u64,
+        (max_threads, min_events_per_thread): (usize, u64),
+        stop: &AtomicBool,
     ) -> Vec<(Chain, Option<Problem>)> {
         let count = max_threads
             .min(usize::try_from(last / min_events_per_thread.max(1)).unwrap_or(usize::MAX));
@@ -614,7 +664,7 @@ impl EventLog {
                 0 => Bound::Unbounded,
                 _ => Bound::Included(start.to_be_bytes()),
             };
-            let found = self.walk_checked(&mut chain, self.events.range((lower, upper)));
+            let found = self.walk_checked(&mut chain, self.events.range((lower, upper)), stop);
             (chain, found)
         };
         std::thread::scope(|scope| {
@@ -657,21 +707,44 @@ impl EventLog {
     pub fn verify_and_replay<T: Send>(
         &self,
         decode: impl Fn(RawEvent<'_>) -> Result<T, String> + Sync,
+        fold: impl FnMut(u64, Result<T, String>),
+    ) -> Option<VerifyReport> {
+        self.verify_and_replay_after(0, codec::GENESIS_HASH, decode, fold)
+    }
+
+    /// [`EventLog::verify_and_replay`] of the events after `after` only, the first of them
+    /// linked to `after_hash` (start-up from a checkpoint of the state up to `after`). The
+    /// events up to `after` are not read: the caller checks that event `after` is stored
+    /// with `after_hash`, and verifies them on its own (see [`EventLog::verify`]). The report
+    /// counts the events handed over.
+    pub fn verify_and_replay_after<T: Send>(
+        &self,
+        after: u64,
+        after_hash: [u8; HASH_LEN],
+        decode: impl Fn(RawEvent<'_>) -> Result<T, String> + Sync,
         mut fold: impl FnMut(u64, Result<T, String>),
     ) -> Option<VerifyReport> {
         if self.mismatch.is_some() {
             return None;
         }
         let head = self.durable_head();
-        let chunks = head.sequence.div_ceil(REPLAY_CHUNK);
+        if after > head.sequence {
+            return None;
+        }
+        let chunks = (head.sequence - after).div_ceil(REPLAY_CHUNK);
         let check_chunk = |chunk: u64| -> CheckedChunk<T> {
-            let first = 1 + chunk * REPLAY_CHUNK;
+            let first = after + 1 + chunk * REPLAY_CHUNK;
             let last = (first + REPLAY_CHUNK - 1).min(head.sequence);
             // The chunk's first event links to its predecessor's stored hash, read here and
             // compared with what the chunk before ends on when the chunks are joined.
-            let (mut chain, lower) = if chunk == 0 {
+            let (mut chain, lower) = if chunk == 0 && after == 0 {
                 // From the very first key, so stray keys before event 1 are caught.
                 (Chain::genesis(), Bound::Unbounded)
+            } else if chunk == 0 {
+                (
+                    Chain::resume(first, Some(after_hash)),
+                    Bound::Included(first.to_be_bytes()),
+                )
             } else {
                 let prev = self
                     .events
@@ -718,7 +791,7 @@ impl EventLog {
             .map_or(1, |n| n.get())
             .min(MAX_REPLAY_THREADS) as u64;
         // Joins the chunks in order: each must start on the hash the one before ended on.
-        let mut previous_hash = codec::GENESIS_HASH;
+        let mut previous_hash = after_hash;
         let mut handed = 0u64;
         let mut hand = |chunk: CheckedChunk<T>| -> bool {
             let Some(items) = chunk.items else {
@@ -766,7 +839,7 @@ impl EventLog {
                 })
             })
         };
-        let ends_at_head = previous_hash == head.hash && handed == head.sequence;
+        let ends_at_head = previous_hash == head.hash && handed == head.sequence - after;
         (intact && ends_at_head).then_some(VerifyReport {
             ok: true,
             events_checked: handed,
@@ -778,17 +851,31 @@ impl EventLog {
     }
 
     /// Continues `chain` in order up to `end`, returning the first problem.
-    fn check_range(&self, chain: &mut Chain, end: Bound<[u8; 8]>) -> Option<Problem> {
+    fn check_range(
+        &self,
+        chain: &mut Chain,
+        end: Bound<[u8; 8]>,
+        stop: &AtomicBool,
+    ) -> Option<Problem> {
         let start = match chain.next() {
             1 => Bound::Unbounded,
             next => Bound::Included(next.to_be_bytes()),
         };
-        self.walk_checked(chain, self.events.range((start, end)))
+        self.walk_checked(chain, self.events.range((start, end)), stop)
     }
 
     /// Checks every entry of `range` as a link of the chain, decoding only to explain a problem.
-    fn walk_checked(&self, chain: &mut Chain, range: sled::Iter) -> Option<Problem> {
+    /// Ends early, reporting nothing, once `stop` is set.
+    fn walk_checked(
+        &self,
+        chain: &mut Chain,
+        range: sled::Iter,
+        stop: &AtomicBool,
+    ) -> Option<Problem> {
         for item in range {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
             let checked = match &item {
                 Ok((key, value)) => chain.check_linked(key, value),
                 // sled could not read further: the first unread event is where trust ends.
@@ -839,23 +926,11 @@ impl EventLog {
 
     /// Saves the position under `name` durably. Refused like `flush` after a failed write.
     pub fn save_cursor(&self, name: &str, sequence: u64) -> Result<(), StoreError> {
-        {
-            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-            if writer.write_failed {
-                return Err(StoreError::WritesRefused {
-                    reason: writer.refused.clone().unwrap_or_default(),
-                });
-            }
-            if let Err(e) = self
-                .cursors
+        self.write_beside_chain(|| {
+            self.cursors
                 .insert(name.as_bytes(), &sequence.to_be_bytes())
-            {
-                // As after a failed append: sled's next flush would wait forever.
-                writer.write_failed = true;
-                writer.refused = Some(format!("an earlier write failed ({e}); restart the server"));
-                return Err(StoreError::Write(e));
-            }
-        }
+                .map(drop)
+        })?;
         self.flush()
     }
 
@@ -875,25 +950,134 @@ impl EventLog {
         key: &str,
         value: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        {
-            let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-            if writer.write_failed {
-                return Err(StoreError::WritesRefused {
-                    reason: writer.refused.clone().unwrap_or_default(),
+        let key = note_key(reader, key);
+        self.write_beside_chain(|| match value {
+            Some(value) => self.notes.insert(key, value).map(drop),
+            None => self.notes.remove(key).map(drop),
+        })?;
+        self.flush()
+    }
+
+    /// Stores a checkpoint: the bytes of a state that includes every event up to `covers`,
+    /// replacing any stored for the same event. Not flushed here: the event that vouches for
+    /// it is appended next, and that append's flush makes both durable. Whatever a crash
+    /// leaves of it is caught by the digest that event carries.
+    pub fn save_checkpoint(&self, covers: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.remove_checkpoints(
+            Bound::Included(checkpoint_key(covers, 0)),
+            Bound::Included(checkpoint_key(covers, u32::MAX)),
+        )?;
+        for (index, piece) in (0u32..).zip(bytes.chunks(CHECKPOINT_PIECE)) {
+            // One piece at a time: appends wait for this lock, so they interleave.
+            self.write_beside_chain(|| {
+                self.checkpoints
+                    .insert(checkpoint_key(covers, index), piece)
+                    .map(drop)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The stored bytes of the checkpoint that covers events up to `covers`; `None` when
+    /// there is none. Pieces missing in between are `Corrupt`.
+    pub fn checkpoint(&self, covers: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut bytes = Vec::new();
+        let mut pieces = 0u32;
+        for item in self.checkpoints.scan_prefix(covers.to_be_bytes()) {
+            let (key, piece) = item.map_err(StoreError::Read)?;
+            if key.as_ref() != checkpoint_key(covers, pieces) {
+                return Err(StoreError::Corrupt {
+                    sequence: covers,
+                    problem: format!(
+                        "piece {pieces} of the checkpoint up to event {covers} is missing"
+                    ),
                 });
             }
-            let key = note_key(reader, key);
-            let written = match value {
-                Some(value) => self.notes.insert(key, value).map(drop),
-                None => self.notes.remove(key).map(drop),
-            };
-            if let Err(e) = written {
-                writer.write_failed = true;
-                writer.refused = Some(format!("an earlier write failed ({e}); restart the server"));
-                return Err(StoreError::Write(e));
-            }
+            bytes.extend_from_slice(&piece);
+            pieces += 1;
         }
-        self.flush()
+        Ok((pieces > 0).then_some(bytes))
+    }
+
+    /// The newest adopted checkpoint, if any.
+    pub fn current_checkpoint(&self) -> Result<Option<CheckpointRef>, StoreError> {
+        let Some(value) = self.meta.get(CHECKPOINT_KEY).map_err(StoreError::Read)? else {
+            return Ok(None);
+        };
+        match (value.get(..8), value.get(8..16), value.len()) {
+            (Some(event), Some(covers), 16) => Ok(Some(CheckpointRef {
+                event: u64::from_be_bytes(event.try_into().unwrap_or_default()),
+                covers: u64::from_be_bytes(covers.try_into().unwrap_or_default()),
+            })),
+            _ => Err(StoreError::Corrupt {
+                sequence: 0,
+                problem: format!(
+                    "the checkpoint record is {} bytes instead of 16",
+                    value.len()
+                ),
+            }),
+        }
+    }
+
+    /// Makes `checkpoint` the one start-up uses, once the event that vouches for it is
+    /// durable, and removes the pieces of older checkpoints. A checkpoint older than the
+    /// current one is not adopted (two savers finishing out of order); its pieces go.
+    /// Durable with the next flush: until then start-up uses the previous one.
+    pub fn adopt_checkpoint(&self, checkpoint: CheckpointRef) -> Result<(), StoreError> {
+        let _adopting = self.adopting.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.current_checkpoint().ok().flatten();
+        if current.is_some_and(|current| current.covers >= checkpoint.covers) {
+            return self.remove_checkpoints(
+                Bound::Included(checkpoint_key(checkpoint.covers, 0)),
+                Bound::Included(checkpoint_key(checkpoint.covers, u32::MAX)),
+            );
+        }
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&checkpoint.event.to_be_bytes());
+        value[8..].copy_from_slice(&checkpoint.covers.to_be_bytes());
+        self.write_beside_chain(|| self.meta.insert(CHECKPOINT_KEY, &value[..]).map(drop))?;
+        self.remove_checkpoints(
+            Bound::Unbounded,
+            Bound::Excluded(checkpoint_key(checkpoint.covers, 0)),
+        )
+    }
+
+    /// Removes every checkpoint piece in the key range.
+    fn remove_checkpoints(
+        &self,
+        from: Bound<[u8; 12]>,
+        to: Bound<[u8; 12]>,
+    ) -> Result<(), StoreError> {
+        let keys: Vec<sled::IVec> = self
+            .checkpoints
+            .range((from, to))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(StoreError::Read)?;
+        for key in keys {
+            self.write_beside_chain(|| self.checkpoints.remove(key).map(drop))?;
+        }
+        Ok(())
+    }
+
+    /// Runs one write to a tree outside the chain (cursors, notes, checkpoints). Refused after
+    /// a failed write; a failure now refuses later ones, as a failed append does, because
+    /// sled's next flush would wait forever.
+    fn write_beside_chain(
+        &self,
+        write: impl FnOnce() -> sled::Result<()>,
+    ) -> Result<(), StoreError> {
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if writer.write_failed {
+            return Err(StoreError::WritesRefused {
+                reason: writer.refused.clone().unwrap_or_default(),
+            });
+        }
+        write().map_err(|e| {
+            writer.write_failed = true;
+            writer.refused = Some(format!("an earlier write failed ({e}); restart the server"));
+            StoreError::Write(e)
+        })
     }
 
     /// sled's flush, then an `fsync` of the blob files it wrote (see [`BlobFiles`]) and an
@@ -1002,6 +1186,20 @@ fn sync_sled(db: &sled::Db, blobs: &BlobFiles, data_file: &std::fs::File) -> sle
     db.flush()?;
     blobs.sync_new().map_err(sled::Error::Io)?;
     data_file.sync_data().map_err(sled::Error::Io)
+}
+
+/// Checkpoints are stored in pieces of this size: small enough to stay in sled's own log
+/// rather than in a blob file of their own, large enough to be few.
+const CHECKPOINT_PIECE: usize = 64 * 1024;
+
+/// Where in `meta` the newest checkpoint is named.
+const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+
+fn checkpoint_key(covers: u64, piece: u32) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&covers.to_be_bytes());
+    key[8..].copy_from_slice(&piece.to_be_bytes());
+    key
 }
 
 /// `reader`, a NUL, then `key`: readers' names never contain NUL, so keys cannot collide.

@@ -947,6 +947,146 @@ fn verify_and_replay_refuses_every_log_verify_refuses() -> TestResult {
     Ok(())
 }
 
+/// Replaying after an event hands over exactly the events after it, linked to its hash,
+/// for every place it can be (chunk boundaries included), and refuses a wrong hash or a
+/// change in the part it reads.
+#[test]
+fn verify_and_replay_after_an_event_reads_only_what_follows_it() -> TestResult {
+    let dir = TempDir::new()?;
+    let log = EventLog::open(dir.path())?;
+    let total = 2 * REPLAY_CHUNK + 9;
+    for start in (1..=total).step_by(3_000) {
+        log.append(events(start..=(start + 2_999).min(total)))?;
+    }
+    let hash_of = |sequence: u64| -> Result<[u8; 32], Box<dyn Error>> {
+        Ok(log.get(sequence)?.ok_or("missing")?.hash)
+    };
+    for after in [
+        1,
+        2,
+        REPLAY_CHUNK - 1,
+        REPLAY_CHUNK,
+        REPLAY_CHUNK + 1,
+        total - 1,
+    ] {
+        let mut seen = Vec::new();
+        let report = log.verify_and_replay_after(
+            after,
+            hash_of(after)?,
+            |raw| Ok(raw.sequence),
+            |sequence, item| seen.push((sequence, item)),
+        );
+        let report = report.ok_or(format!("after {after}: refused"))?;
+        assert_eq!(report.events_checked, total - after, "after {after}");
+        assert_eq!(report.head_sequence, total);
+        let expected: Vec<_> = (after + 1..=total).map(|s| (s, Ok(s))).collect();
+        assert_eq!(seen, expected, "after {after}");
+    }
+    // At the head: nothing to hand over, and the head's own hash is what it must link to.
+    assert!(
+        log.verify_and_replay_after(total, hash_of(total)?, |_| Ok(()), |_, _| {})
+            .is_some()
+    );
+    let wrong = log.verify_and_replay_after(5, hash_of(4)?, |_| Ok(()), |_, _| {});
+    assert_eq!(wrong, None, "a tail that does not link to the given hash");
+    assert_eq!(
+        log.verify_and_replay_after(total + 1, [0; 32], |_| Ok(()), |_, _| {}),
+        None,
+        "beyond the head"
+    );
+    drop(log);
+
+    // A change after the anchor is refused; one before it is not read at all.
+    tamper(dir.path(), |events, _| flip(events, REPLAY_CHUNK + 3, 40))?;
+    let log = EventLog::open(dir.path())?;
+    let anchor = REPLAY_CHUNK + 5;
+    let after_change = log.get(anchor)?.ok_or("missing")?.hash;
+    assert!(
+        log.verify_and_replay_after(anchor, after_change, |_| Ok(()), |_, _| {})
+            .is_some()
+    );
+    let before = log.get(2)?.ok_or("missing")?.hash;
+    assert_eq!(
+        log.verify_and_replay_after(2, before, |_| Ok(()), |_, _| {}),
+        None
+    );
+    Ok(())
+}
+
+// === checkpoints ===
+
+/// Checkpoint bytes come back whole across pieces and a reopen; adopting a newer one
+/// removes older pieces, an older one is never adopted over a newer, and the chain and its
+/// verification are untouched by any of it.
+#[test]
+fn checkpoints_are_stored_in_pieces_and_only_the_newest_is_kept() -> TestResult {
+    let dir = log_with(10)?;
+    let log = EventLog::open(dir.path())?;
+    assert_eq!(log.current_checkpoint()?, None);
+    assert_eq!(log.checkpoint(4)?, None);
+    let big: Vec<u8> = (0..3 * CHECKPOINT_PIECE + 11)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    log.save_checkpoint(4, &big)?;
+    log.save_checkpoint(7, b"seven")?;
+    // Saved again for the same event: the shorter bytes replace every piece of the longer.
+    log.save_checkpoint(4, b"four")?;
+    log.save_checkpoint(4, &big)?;
+    assert_eq!(log.checkpoint(4)?.as_deref(), Some(&big[..]));
+    log.adopt_checkpoint(CheckpointRef {
+        event: 5,
+        covers: 4,
+    })?;
+    log.adopt_checkpoint(CheckpointRef {
+        event: 8,
+        covers: 7,
+    })?;
+    assert_eq!(log.checkpoint(4)?, None, "older pieces removed");
+    // A late saver of an older state: not adopted, its pieces removed.
+    log.save_checkpoint(6, b"six")?;
+    log.adopt_checkpoint(CheckpointRef {
+        event: 9,
+        covers: 6,
+    })?;
+    assert_eq!(log.checkpoint(6)?, None);
+    log.flush()?;
+    drop(log);
+
+    let log = EventLog::open(dir.path())?;
+    assert_eq!(
+        log.current_checkpoint()?,
+        Some(CheckpointRef {
+            event: 8,
+            covers: 7
+        })
+    );
+    assert_eq!(log.checkpoint(7)?.as_deref(), Some(&b"seven"[..]));
+    let report = verify(&log);
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.events_checked, 10);
+    Ok(())
+}
+
+/// A piece missing from the middle of a checkpoint is reported, never stitched over.
+#[test]
+fn a_checkpoint_with_a_missing_piece_is_corrupt() -> TestResult {
+    let dir = log_with(3)?;
+    let log = EventLog::open(dir.path())?;
+    log.save_checkpoint(3, &vec![7u8; 2 * CHECKPOINT_PIECE + 1])?;
+    log.flush()?;
+    drop(log);
+    let db = super::open_sled(dir.path())?;
+    db.open_tree("checkpoints")?.remove(checkpoint_key(3, 1))?;
+    db.flush()?;
+    drop(db);
+    let log = EventLog::open(dir.path())?;
+    assert!(matches!(
+        log.checkpoint(3),
+        Err(StoreError::Corrupt { sequence: 3, .. })
+    ));
+    Ok(())
+}
+
 // === scale ===
 
 /// `cargo test --release -- --ignored --nocapture measure_million_events`

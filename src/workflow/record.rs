@@ -469,8 +469,9 @@ impl Actions {
                         self.pending_by_expiry.insert((expiry, at.action_id));
                     }
                 }
-                // Cold, so settled: only its listing status can still follow an event
-                // (an outcome report changes none); the record is rebuilt when read.
+                // Cold: settled, or pending but not yet rebuilt at start-up (restored from a
+                // checkpoint or folded from summaries). Only its listing status follows the
+                // event; the record is rebuilt from its sequences when read.
                 None => {
                     if let Some(status) = event.status_after() {
                         entry.status = status;
@@ -780,6 +781,174 @@ impl Actions {
             entry.ticket = self.next_ticket;
             self.cooling.push_back((self.next_ticket, id));
         }
+    }
+}
+
+/// What a checkpoint keeps of the state: every action's entry (status, names, where its
+/// events are), the idempotency index and the position; no record. Restored with
+/// [`Actions::restore`], every action is cold: the ledger then rebuilds the pending ones
+/// from the log, as after a replay from summaries.
+///
+/// Field order is the stored format (see `ledger::checkpoint`): change it only with a new
+/// format version there.
+#[derive(Serialize)]
+pub struct SnapshotOf<'a> {
+    applied_sequence: u64,
+    names: Vec<&'a str>,
+    entries: SnapshotEntries<'a>,
+    idempotency: Vec<(&'a [u8; 32], &'a Uuid)>,
+}
+
+/// [`SnapshotOf`] as read back.
+#[derive(Debug, Deserialize)]
+pub struct Snapshot {
+    applied_sequence: u64,
+    names: Vec<String>,
+    entries: Vec<SnapshotEntry>,
+    idempotency: Vec<([u8; 32], Uuid)>,
+}
+
+/// One entry as a snapshot stores it: names as indexes into the snapshot's names.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotEntry<S = SmallVec<[u64; 2]>> {
+    id: Uuid,
+    status: ActionStatus,
+    requester: u32,
+    action_type: u32,
+    sequences: S,
+}
+
+/// The entries in id order, written straight from the table (no copy of the state).
+struct SnapshotEntries<'a> {
+    table: &'a Table,
+    name_index: HashMap<&'a str, u32>,
+}
+
+impl Serialize for SnapshotEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let index_of = |name: &str| {
+            self.name_index
+                .get(name)
+                .copied()
+                .ok_or_else(|| S::Error::custom(format!("name {name:?} is not interned")))
+        };
+        let mut seq = serializer.serialize_seq(Some(self.table.index.len()))?;
+        for (id, &slot) in &self.table.index {
+            let entry = self
+                .table
+                .at(slot)
+                .ok_or_else(|| S::Error::custom(format!("action {id} has no entry")))?;
+            seq.serialize_element(&SnapshotEntry {
+                id: *id,
+                status: entry.status,
+                requester: index_of(&entry.requester_id)?,
+                action_type: index_of(&entry.action_type)?,
+                sequences: &entry.sequences[..],
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RestoreError {
+    #[error("action {0} is listed twice")]
+    DuplicateAction(Uuid),
+    #[error("action {id} names entry {index} of {names} names")]
+    UnknownName { id: Uuid, index: u32, names: usize },
+    #[error("action {id} lists events {sequences:?}, which are not in order up to event {applied}")]
+    BadSequences {
+        id: Uuid,
+        sequences: Vec<u64>,
+        applied: u64,
+    },
+    #[error("an idempotency key names action {0}, which is not listed")]
+    UnknownIdempotentAction(Uuid),
+}
+
+impl Actions {
+    /// What a checkpoint keeps of this state (see [`SnapshotOf`]). Serializing it reads the
+    /// state, so hold the lock that guards it meanwhile.
+    pub fn snapshot(&self) -> SnapshotOf<'_> {
+        let names: Vec<&str> = self.names.iter().map(|name| &**name).collect();
+        let name_index = (0u32..)
+            .zip(names.iter().copied())
+            .map(|(i, n)| (n, i))
+            .collect();
+        SnapshotOf {
+            applied_sequence: self.applied_sequence,
+            names,
+            entries: SnapshotEntries {
+                table: &self.by_id,
+                name_index,
+            },
+            idempotency: self
+                .by_idempotency_key
+                .iter()
+                .map(|(slot, id)| (&slot.0, id))
+                .collect(),
+        }
+    }
+
+    /// The state a snapshot was taken of, every action cold (see [`Actions::cold_pending`]
+    /// for the pending ones to rebuild). Checks what could make later folds go wrong; the
+    /// snapshot's integrity itself is the caller's to check.
+    pub fn restore(snapshot: Snapshot, hot_limit: usize) -> Result<Actions, RestoreError> {
+        let mut actions = Actions::with_hot_limit(hot_limit);
+        actions.applied_sequence = snapshot.applied_sequence;
+        let names: Vec<Arc<str>> = snapshot
+            .names
+            .into_iter()
+            .map(|name| intern(&mut actions.names, &name))
+            .collect();
+        let name = |id: Uuid, index: u32| {
+            names
+                .get(index as usize)
+                .cloned()
+                .ok_or(RestoreError::UnknownName {
+                    id,
+                    index,
+                    names: names.len(),
+                })
+        };
+        for entry in snapshot.entries {
+            let in_order = entry.sequences.windows(2).all(|w| w[0] < w[1])
+                && entry
+                    .sequences
+                    .last()
+                    .is_some_and(|&last| last <= snapshot.applied_sequence)
+                && entry.sequences.first().is_some_and(|&first| first > 0);
+            if !in_order {
+                return Err(RestoreError::BadSequences {
+                    id: entry.id,
+                    sequences: entry.sequences.to_vec(),
+                    applied: snapshot.applied_sequence,
+                });
+            }
+            if actions.by_id.contains_key(&entry.id) {
+                return Err(RestoreError::DuplicateAction(entry.id));
+            }
+            let restored = Entry {
+                status: entry.status,
+                requester_id: name(entry.id, entry.requester)?,
+                action_type: name(entry.id, entry.action_type)?,
+                sequences: entry.sequences,
+                record: None,
+                ticket: 0,
+            };
+            actions.by_id.insert(entry.id, restored);
+        }
+        actions
+            .by_idempotency_key
+            .reserve(snapshot.idempotency.len());
+        for (slot, id) in snapshot.idempotency {
+            if !actions.by_id.contains_key(&id) {
+                return Err(RestoreError::UnknownIdempotentAction(id));
+            }
+            actions.by_idempotency_key.insert(IdempotencySlot(slot), id);
+        }
+        Ok(actions)
     }
 }
 
@@ -1119,6 +1288,106 @@ mod tests {
 
     #[test]
     fn folding_summaries_then_whole_events_gives_the_same_actions() {
+        let (log, whole, ids) = history();
+        // Every split point between summaries and whole events.
+        for split in 0..=log.events.len() {
+            let mut mixed = Actions::with_hot_limit(0);
+            for (n, (context, event)) in log.events.iter().cloned().enumerate() {
+                if n < split {
+                    let payload = serde_json::to_string(&event.to_payload().unwrap()).unwrap();
+                    let summary = EventSummary::from_json(event.kind(), &payload)
+                        .unwrap()
+                        .unwrap();
+                    mixed.apply_summary(context, summary).unwrap();
+                } else {
+                    mixed.apply_owned(context, event).unwrap();
+                }
+                mixed.cool();
+            }
+            assert_same_actions(&mut mixed, &whole, &log, ids, split);
+        }
+    }
+
+    /// A snapshot taken after any event, stored, read back and restored, then the events
+    /// after it folded whole: the same actions as folding every event, whether the state
+    /// the snapshot was taken of held its records or not.
+    #[test]
+    fn restoring_a_snapshot_then_folding_the_rest_gives_the_same_actions() {
+        let (log, whole, ids) = history();
+        for split in 0..=log.events.len() {
+            for hot_limit in [0, usize::MAX] {
+                let mut before = Actions::with_hot_limit(hot_limit);
+                for (context, event) in log.events.iter().take(split).cloned() {
+                    before.apply_owned(context, event).unwrap();
+                    before.cool();
+                }
+                let bytes = postcard::to_stdvec(&before.snapshot()).unwrap();
+                let snapshot: Snapshot = postcard::from_bytes(&bytes).unwrap();
+                let mut mixed = Actions::restore(snapshot, 0).unwrap();
+                assert_eq!(mixed.len(), before.len());
+                assert_eq!(mixed.hot_count(), 0, "restored actions are cold");
+                for (context, event) in log.events.iter().skip(split).cloned() {
+                    mixed.apply_owned(context, event).unwrap();
+                    mixed.cool();
+                }
+                assert_same_actions(&mut mixed, &whole, &log, ids, split);
+            }
+        }
+    }
+
+    /// A snapshot that would make later folds go wrong is refused, naming what is wrong.
+    #[test]
+    fn a_snapshot_that_does_not_hold_together_is_refused() {
+        let (log, whole, [allowed, ..]) = history();
+        let applied = log.events.len() as u64;
+        let valid = || -> Snapshot {
+            postcard::from_bytes(&postcard::to_stdvec(&whole.snapshot()).unwrap()).unwrap()
+        };
+        let mut unknown_name = valid();
+        unknown_name.entries[0].requester = 99;
+        assert!(matches!(
+            Actions::restore(unknown_name, 0),
+            Err(RestoreError::UnknownName { index: 99, .. })
+        ));
+        let mut beyond = valid();
+        beyond.entries[0].sequences.push(applied + 1);
+        assert!(matches!(
+            Actions::restore(beyond, 0),
+            Err(RestoreError::BadSequences { .. })
+        ));
+        let mut unordered = valid();
+        unordered.entries[0].sequences.insert(0, applied);
+        assert!(matches!(
+            Actions::restore(unordered, 0),
+            Err(RestoreError::BadSequences { .. })
+        ));
+        let mut twice = valid();
+        let first = twice.entries.remove(0);
+        twice.entries.push(SnapshotEntry {
+            id: first.id,
+            status: first.status,
+            requester: first.requester,
+            action_type: first.action_type,
+            sequences: first.sequences.clone(),
+        });
+        twice.entries.push(first);
+        assert_eq!(
+            Actions::restore(twice, 0).err(),
+            Some(RestoreError::DuplicateAction(allowed))
+        );
+        let mut dangling = valid();
+        let stranger = Uuid::now_v7();
+        dangling.idempotency.push(([7; 32], stranger));
+        assert_eq!(
+            Actions::restore(dangling, 0).err(),
+            Some(RestoreError::UnknownIdempotentAction(stranger))
+        );
+        assert!(Actions::restore(valid(), 0).is_ok());
+    }
+
+    /// The history the fold tests replay: an allowed action with an outcome, an approved
+    /// one, and one still pending after a vote.
+    fn history() -> (Log, Actions, [Uuid; 3]) {
         let reviewer = principal("rev", PrincipalKind::Human);
         let (allowed, approved, pending) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let mut history: Vec<(Uuid, Vec<ActionEvent>)> = vec![
@@ -1169,56 +1438,63 @@ mod tests {
         for (id, events) in history {
             log.append(&mut whole, id, events);
         }
+        (log, whole, [allowed, approved, pending])
+    }
 
-        // Every split point between summaries and whole events.
-        for split in 0..=log.events.len() {
-            let mut mixed = Actions::with_hot_limit(0);
-            for (n, (context, event)) in log.events.iter().cloned().enumerate() {
-                if n < split {
-                    let payload = serde_json::to_string(&event.to_payload().unwrap()).unwrap();
-                    let summary = EventSummary::from_json(event.kind(), &payload)
-                        .unwrap()
-                        .unwrap();
-                    mixed.apply_summary(context, summary).unwrap();
-                } else {
-                    mixed.apply_owned(context, event).unwrap();
-                }
-                mixed.cool();
-            }
-            for (id, sequences) in mixed.cold_pending() {
-                let events = log
-                    .of(id)
-                    .into_iter()
-                    .filter(|(context, _)| sequences.contains(&context.sequence));
-                let record = Actions::rebuild(id, events).unwrap();
-                mixed.insert_loaded(record, sequences);
-            }
-            for id in [allowed, approved, pending] {
-                let rebuilt = match mixed.lookup(&id).unwrap() {
-                    Lookup::Hot(record) => record.clone(),
-                    Lookup::Cold(sequences) => {
-                        let events = log
-                            .of(id)
-                            .into_iter()
-                            .filter(|(context, _)| sequences.contains(&context.sequence));
-                        Actions::rebuild(id, events).unwrap()
-                    }
-                };
-                assert_eq!(Some(&rebuilt), whole.hot(&id), "split at {split}");
-                assert_eq!(mixed.requester_of(&id), whole.requester_of(&id));
-            }
-            assert!(mixed.hot(&pending).is_some(), "split at {split}");
-            assert_eq!(mixed.next_expiry(), whole.next_expiry(), "split at {split}");
-            assert_eq!(mixed.pending_count(), 1);
-            assert_eq!(mixed.applied_sequence(), whole.applied_sequence());
-            for status in [ActionStatus::Allowed, ActionStatus::Approved] {
-                assert_eq!(mixed.count_with_status(status), 1, "split at {split}");
-            }
-            assert_eq!(
-                mixed.by_idempotency_key("agent-2", "key-of-agent-2-db.drop"),
-                Some(pending)
-            );
+    /// Rebuilds `mixed`'s cold pending actions from `log` (as start-up does), then checks
+    /// that it answers every question as `whole`, which folded every event whole.
+    fn assert_same_actions(
+        mixed: &mut Actions,
+        whole: &Actions,
+        log: &Log,
+        [allowed, approved, pending]: [Uuid; 3],
+        split: usize,
+    ) {
+        let rebuild = |id: Uuid, sequences: &[u64]| {
+            let events = log
+                .of(id)
+                .into_iter()
+                .filter(|(context, _)| sequences.contains(&context.sequence));
+            Actions::rebuild(id, events).unwrap()
+        };
+        for (id, sequences) in mixed.cold_pending() {
+            let record = rebuild(id, &sequences);
+            mixed.insert_loaded(record, sequences);
         }
+        for id in [allowed, approved, pending] {
+            let rebuilt = match mixed.lookup(&id).unwrap() {
+                Lookup::Hot(record) => record.clone(),
+                Lookup::Cold(sequences) => rebuild(id, sequences),
+            };
+            assert_eq!(Some(&rebuilt), whole.hot(&id), "split at {split}");
+            assert_eq!(mixed.requester_of(&id), whole.requester_of(&id));
+        }
+        assert!(mixed.hot(&pending).is_some(), "split at {split}");
+        assert_eq!(mixed.next_expiry(), whole.next_expiry(), "split at {split}");
+        assert_eq!(mixed.pending_count(), 1);
+        assert_eq!(mixed.applied_sequence(), whole.applied_sequence());
+        for status in [ActionStatus::Allowed, ActionStatus::Approved] {
+            assert_eq!(mixed.count_with_status(status), 1, "split at {split}");
+        }
+        assert_eq!(
+            mixed.by_idempotency_key("agent-2", "key-of-agent-2-db.drop"),
+            Some(pending)
+        );
+        let everything = ListFilter::default();
+        let ids = |listed: Vec<Listed>| -> Vec<Uuid> {
+            listed
+                .into_iter()
+                .map(|l| match l {
+                    Listed::Hot(record) => record.id,
+                    Listed::Cold { id, .. } => id,
+                })
+                .collect()
+        };
+        assert_eq!(
+            ids(mixed.list(&everything, None, 10).0),
+            ids(whole.list(&everything, None, 10).0),
+            "split at {split}"
+        );
     }
 
     #[test]

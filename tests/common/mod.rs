@@ -396,6 +396,20 @@ pub async fn action_gate_health(
         .status()
 }
 
+/// Waits (at most 10 s) until the server's health says ActionGate is not serving: a server
+/// that started from a checkpoint finds a damaged log only once it has verified it.
+pub async fn wait_until_gate_not_serving(server: &TestServer) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while action_gate_health(server.channel().await).await != ServingStatus::NotServing {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ActionGate still serving 10 s after start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// The next message of a server stream, or a test failure after 10 s: never hang a test.
 pub async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> T {
     match tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await {
@@ -456,4 +470,82 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     stream.read_to_string(&mut response).await.unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// Everything a client can read about the actions (as a reviewer): each one by id, and every page of
+/// ListActions (all, approved only, one requester's), two at a time.
+pub async fn everything_readable(server: &TestServer, ids: &[String]) -> Vec<String> {
+    let mut reviewer = server.review(&Caller::human("carol", "security")).await;
+    let mut seen = Vec::new();
+    for id in ids {
+        let record = reviewer
+            .get_action(proto::GetActionRequest {
+                action_id: id.clone(),
+            })
+            .await
+            .expect("GetAction")
+            .into_inner();
+        seen.push(format!("{record:?}"));
+    }
+    for (status, requester_id) in [
+        (proto::ActionStatus::Unspecified, ""),
+        (proto::ActionStatus::Approved, ""),
+        (proto::ActionStatus::Unspecified, "reader-bot"),
+    ] {
+        let mut page_token = String::new();
+        loop {
+            let page = reviewer
+                .list_actions(proto::ListActionsRequest {
+                    status: status as i32,
+                    requester_id: requester_id.into(),
+                    action_type: String::new(),
+                    page_size: 2,
+                    page_token,
+                })
+                .await
+                .expect("ListActions")
+                .into_inner();
+            seen.push(format!("{:?}", page.actions));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+    seen
+}
+
+/// The server's `/status` document (it must serve metrics).
+pub async fn server_status(server: &TestServer) -> serde_json::Value {
+    let metrics = server
+        .running
+        .as_ref()
+        .and_then(|running| running.metrics_addr())
+        .expect("metrics are served");
+    let (_, body) = http_get(metrics, "/status").await;
+    serde_json::from_str(&body).expect("status is JSON")
+}
+
+/// Rewrites one character of the stored event's actor, keeping the JSON valid: the kind of
+/// quiet edit someone with disk access would make.
+pub fn change_actor_of_event(log_dir: &std::path::Path, sequence: u64) {
+    let db = sled::open(log_dir).expect("open stopped server's log");
+    let events = db.open_tree("events").expect("events tree");
+    let key = sequence.to_be_bytes();
+    let mut value = events
+        .get(key)
+        .expect("read")
+        .expect("event exists")
+        .to_vec();
+    let body = &value[32..];
+    let marker = b"\"actor\":\"";
+    let at = body
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("actor field")
+        + marker.len();
+    let index = 32 + at;
+    value[index] = if value[index] == b'x' { b'y' } else { b'x' };
+    events.insert(key, value).expect("write");
+    db.flush().expect("flush");
 }
