@@ -338,7 +338,7 @@ async fn a_checkpoint_the_chain_does_not_vouch_for_is_replaced_by_the_whole_log(
 #[tokio::test]
 async fn a_log_changed_before_the_checkpoint_is_found_after_start_up() {
     let _watchdog = Watchdog::new("changed log test");
-    let (mut server, _) = a_stopped_server_with_a_checkpoint().await;
+    let (mut server, ids) = a_stopped_server_with_a_checkpoint().await;
     // Event 1: the request of the first (allowed) action.
     change_actor_of_event(&server.data.path().join("log"), 1);
 
@@ -360,6 +360,16 @@ async fn a_log_changed_before_the_checkpoint_is_found_after_start_up() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("verification"), "{refused:?}");
+    // The changed action is never served as if it were evidence.
+    let read = server
+        .review(&Caller::human("carol", "security"))
+        .await
+        .get_action(proto::GetActionRequest {
+            action_id: ids[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(read.code(), Code::FailedPrecondition, "{read:?}");
 
     server.tweak = |config| {
         with_status(config);
@@ -375,6 +385,50 @@ async fn a_log_changed_before_the_checkpoint_is_found_after_start_up() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "at once");
+    server.stop().await;
+}
+
+/// The request of an action still pending at the checkpoint, changed on disk (its stored
+/// hash recomputed, so only the chain shows it): start-up rebuilds the action from the
+/// copy the checkpoint holds, so reviewers are never shown the changed request, and the
+/// verification after start-up still finds the change.
+#[tokio::test]
+async fn a_pending_action_is_restored_from_the_checkpoint_not_from_the_log() {
+    let _watchdog = Watchdog::new("pending action test");
+    let (mut server, ids) = a_stopped_server_with_a_checkpoint().await;
+    let pending = ids[3].clone();
+    // Event 7: the pending IAM grant's request, for the role "owner".
+    common::rewrite_event_and_rehash(
+        &server.data.path().join("log"),
+        7,
+        b"\"owner\"",
+        b"\"viewr\"",
+    );
+
+    server.restart().await;
+    let replay = server.running.as_ref().unwrap().replay_report().clone();
+    assert_eq!(replay.from_checkpoint, Some(8));
+    let record = server
+        .review(&Caller::human("carol", "security"))
+        .await
+        .get_action(proto::GetActionRequest { action_id: pending })
+        .await
+        .expect("the pending action is in memory")
+        .into_inner()
+        .action
+        .unwrap();
+    assert_eq!(record.status(), ActionStatus::Pending);
+    let role = &record.action.unwrap().parameters.unwrap().fields["role"];
+    assert_eq!(role, &string("owner"), "the request as it was made");
+    common::wait_until_gate_not_serving(&server).await;
+    let status = server_status(&server).await;
+    let problem = status["log"]["verification"]["problem"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        problem.contains("event 8"),
+        "the next event no longer links: {problem}"
+    );
     server.stop().await;
 }
 

@@ -22,6 +22,7 @@ pub fn ledger(error: LedgerError) -> Status {
         LedgerError::Refused(Refusal::FailedPrecondition(why)) => Status::failed_precondition(why),
         LedgerError::WriteFailed(_)
         | LedgerError::ReadFailed(_)
+        | LedgerError::Verifying
         | LedgerError::Poisoned(_)
         | LedgerError::Stopped
         | LedgerError::Open(_) => Status::unavailable(error.to_string()),

@@ -15,8 +15,12 @@
 //! replays the whole log instead.
 //!
 //! Format 1: the eight bytes `CSCKPT\0\x01`, then [`crate::workflow::record::SnapshotOf`]
-//! encoded with postcard 1.
+//! and the events of the actions pending at the checkpoint (`Vec<(sequence, stored bytes)>`),
+//! each encoded with postcard 1. Those events are kept verbatim so that start-up reads
+//! nothing the checkpoint covers from the log itself: until the verification that runs
+//! after start-up has passed, that part of the log is not trusted (see [`super::ChainGate`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -27,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Command, Health, LedgerError};
-use crate::store::{CheckpointRef, EventLog, NewEvent, StoreError};
+use super::{ChainCheck, ChainGate, Command, Health, LedgerError};
+use crate::store::{CheckpointRef, EventLog, NewEvent, StoreError, StoredEvent};
 use crate::workflow::record::Snapshot;
 use crate::workflow::{Actions, SERVER_ACTOR};
 
@@ -67,7 +71,7 @@ pub enum CheckpointError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Ledger(#[from] LedgerError),
-    #[error("event {0}, the last the state includes, is not in the log")]
+    #[error("event {0}, which the state includes, is not in the log")]
     Missing(u64),
     #[error("checkpoint of events up to {covers}, vouched for by event {event}: {problem}")]
     Unusable {
@@ -85,6 +89,8 @@ pub struct Restored {
     pub covers_hash: [u8; 32],
     /// The event that vouches for it.
     pub event: u64,
+    /// The events of the actions pending at the checkpoint, as it holds them.
+    pub pending_events: HashMap<u64, StoredEvent>,
 }
 
 /// Encodes the state as it is now and stores it beside the log; returns what it covers and
@@ -94,15 +100,27 @@ fn save(
     state: &RwLock<Actions>,
 ) -> Result<Option<(u64, NewEvent)>, CheckpointError> {
     // The only time the writer waits: it cannot publish a batch while this reads the state.
-    let (bytes, covers, actions) = {
+    let (bytes, covers, actions, pending) = {
         let state = state.read();
         let bytes = postcard::to_extend(&state.snapshot(), MAGIC.to_vec())
             .map_err(|e| CheckpointError::Encode(e.to_string()))?;
-        (bytes, state.applied_sequence(), state.len())
+        let pending = state.pending_sequences();
+        (bytes, state.applied_sequence(), state.len(), pending)
     };
     if covers == 0 {
         return Ok(None);
     }
+    // The events of the actions still pending, verbatim: start-up rebuilds them from here,
+    // so it reads nothing from before the checkpoint until the whole chain has verified.
+    let mut events = Vec::with_capacity(pending.len());
+    for sequence in pending {
+        let stored = log
+            .stored_bytes(sequence)?
+            .ok_or(CheckpointError::Missing(sequence))?;
+        events.push((sequence, stored));
+    }
+    let bytes =
+        postcard::to_extend(&events, bytes).map_err(|e| CheckpointError::Encode(e.to_string()))?;
     let covers_hash = log
         .get(covers)?
         .ok_or(CheckpointError::Missing(covers))?
@@ -178,8 +196,24 @@ pub fn load(log: &EventLog, hot_limit: usize) -> Result<Option<Restored>, Checkp
     let body = bytes
         .strip_prefix(MAGIC)
         .ok_or_else(|| unusable("it is not in format 1".into()))?;
-    let snapshot: Snapshot = postcard::from_bytes(body)
-        .map_err(|e| unusable(format!("its bytes do not decode: {e}")))?;
+    let (snapshot, rest) = postcard::take_from_bytes::<Snapshot>(body)
+        .map_err(|e| unusable(format!("its state does not decode: {e}")))?;
+    let (events, rest) = postcard::take_from_bytes::<Vec<(u64, Vec<u8>)>>(rest)
+        .map_err(|e| unusable(format!("its pending actions' events do not decode: {e}")))?;
+    if !rest.is_empty() {
+        return Err(unusable(format!("{} bytes follow its end", rest.len())));
+    }
+    let mut pending_events = HashMap::with_capacity(events.len());
+    for (sequence, bytes) in events {
+        if sequence > covers {
+            return Err(unusable(format!(
+                "it holds event {sequence}, which it does not cover"
+            )));
+        }
+        let stored =
+            EventLog::decode_stored(sequence, &bytes).map_err(|e| unusable(e.to_string()))?;
+        pending_events.insert(sequence, stored);
+    }
     let actions = Actions::restore(snapshot, hot_limit).map_err(|e| unusable(e.to_string()))?;
     if actions.applied_sequence() != covers {
         return Err(unusable(format!(
@@ -192,6 +226,7 @@ pub fn load(log: &EventLog, hot_limit: usize) -> Result<Option<Restored>, Checkp
         covers,
         covers_hash,
         event,
+        pending_events,
     }))
 }
 
@@ -225,6 +260,8 @@ pub(super) struct Shared {
     pub log: Arc<EventLog>,
     pub state: Arc<RwLock<Actions>>,
     pub health: Arc<Health>,
+    /// A checkpoint copies the pending actions' events: only from a verified chain.
+    pub chain: Arc<ChainGate>,
     /// Weak, so the writer's queue closes when the ledger is dropped.
     pub commands: mpsc::WeakSender<Command>,
 }
@@ -294,7 +331,9 @@ fn run(
         // Nothing but checkpoint events since the last one: a restart without traffic
         // must not append an event each time.
         let idle = shared.state.read().applied_sequence() <= vouched_by;
-        if shared.health.refuse_writes().is_none() && !idle {
+        // Never from a chain not yet verified: the checkpoint would vouch for its events.
+        let verified = matches!(shared.chain.get(), ChainCheck::Passed { .. });
+        if shared.health.refuse_writes().is_none() && verified && !idle {
             let started = std::time::Instant::now();
             match save_and_adopt(shared) {
                 Ok(Some(saved)) => {

@@ -24,6 +24,7 @@ pub mod follower;
 mod waiters;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,6 +125,11 @@ pub enum LedgerError {
     NotFound(Uuid),
     #[error("the event log cannot be read ({0}); try again, and tell an operator if it persists")]
     ReadFailed(String),
+    #[error(
+        "countersign started from a checkpoint and is still verifying the events before it, \
+         which this needs; try again in a few seconds"
+    )]
+    Verifying,
     #[error("{0}")]
     Refused(Refusal),
     #[error("countersign is shutting down")]
@@ -235,7 +241,7 @@ pub struct Ledger {
     /// Saves checkpoints; asked for a last one on drop.
     checkpointer: Mutex<Option<Checkpointer>>,
     /// The whole chain's verification, when it runs after start-up.
-    chain_check: Arc<Mutex<ChainCheck>>,
+    chain: Arc<ChainGate>,
     verifier: Mutex<Option<JoinHandle<()>>>,
     stop_verifying: Arc<AtomicBool>,
 }
@@ -251,6 +257,51 @@ pub enum ChainCheck {
     Failed {
         problem: String,
     },
+}
+
+/// The verification of the whole chain, and what waits for it. Started from a checkpoint,
+/// the ledger decides on the checkpoint (which the chain vouches for) and the events after
+/// it (verified before serving); anything else read from before the checkpoint, a settled
+/// action's record, waits until the whole chain has verified.
+struct ChainGate {
+    check: Mutex<ChainCheck>,
+    done: parking_lot::Condvar,
+}
+
+/// How long a read of a record from before the checkpoint waits for the verification
+/// before answering UNAVAILABLE (a million events verify in about 1.5 s here).
+const CHAIN_WAIT: Duration = Duration::from_secs(30);
+
+impl ChainGate {
+    fn new(check: ChainCheck) -> ChainGate {
+        ChainGate {
+            check: Mutex::new(check),
+            done: parking_lot::Condvar::new(),
+        }
+    }
+
+    fn get(&self) -> ChainCheck {
+        self.check.lock().clone()
+    }
+
+    fn set(&self, check: ChainCheck) {
+        *self.check.lock() = check;
+        self.done.notify_all();
+    }
+
+    /// `Ok` once the verification of the whole chain has finished, waiting up to `limit`
+    /// for it. Also when it failed: writes are refused then, but the evidence stays
+    /// readable for the people investigating, each event's own hash checked as it is read.
+    fn finished(&self, limit: Duration) -> Result<(), LedgerError> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut check = self.check.lock();
+        while *check == ChainCheck::Running {
+            if self.done.wait_until(&mut check, deadline).timed_out() {
+                return Err(LedgerError::Verifying);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why the ledger refuses writes, if it does. Shared with the writer thread.
@@ -411,6 +462,7 @@ impl Ledger {
             replay_took: started.elapsed() - open_took,
         };
 
+        let chain = Arc::new(ChainGate::new(chain_check));
         let state = Arc::new(RwLock::new(actions));
         let (commands, queue) = mpsc::channel(QUEUE_CAPACITY);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
@@ -424,6 +476,7 @@ impl Ledger {
                     log: log.clone(),
                     state: state.clone(),
                     health: health.clone(),
+                    chain: chain.clone(),
                     commands: commands.downgrade(),
                 };
                 Checkpointer::start(shared, checkpoint_every, from_checkpoint.unwrap_or((0, 0)))
@@ -441,21 +494,21 @@ impl Ledger {
             expiry_wakeup: expiry_wakeup.clone(),
             times,
             checkpoints: checkpointer.as_ref().map(Checkpointer::trigger),
+            chain: chain.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("countersign-ledger".into())
             .spawn(move || writer.run(queue))
             .map_err(|e| LedgerError::WriteFailed(format!("cannot start the writer: {e}")))?;
 
-        let chain_check = Arc::new(Mutex::new(chain_check));
         let stop_verifying = Arc::new(AtomicBool::new(false));
-        let verifier = (*chain_check.lock() == ChainCheck::Running)
+        let verifier = (chain.get() == ChainCheck::Running)
             .then(|| {
                 let (log, health) = (log.clone(), health.clone());
-                let (chain_check, stop) = (chain_check.clone(), stop_verifying.clone());
+                let (chain, stop) = (chain.clone(), stop_verifying.clone());
                 std::thread::Builder::new()
                     .name("event-log-verify".into())
-                    .spawn(move || verify_after_start(&log, &health, &chain_check, &stop))
+                    .spawn(move || verify_after_start(&log, &health, &chain, &stop))
             })
             .transpose()
             .map_err(|e| LedgerError::WriteFailed(format!("cannot start the verifier: {e}")))?;
@@ -473,7 +526,7 @@ impl Ledger {
                 writer: Mutex::new(Some(handle)),
                 observer,
                 checkpointer: Mutex::new(checkpointer),
-                chain_check,
+                chain,
                 verifier: Mutex::new(verifier),
                 stop_verifying,
             },
@@ -484,7 +537,7 @@ impl Ledger {
     /// Where the verification of the whole chain stands: it runs after start-up when the
     /// state came from a checkpoint.
     pub fn chain_check(&self) -> ChainCheck {
-        self.chain_check.lock().clone()
+        self.chain.get()
     }
 
     /// Reports commits to `observer` from now on. Only the first observer set counts.
@@ -589,8 +642,10 @@ impl Ledger {
         self.load(*id, &sequences).map(Some)
     }
 
-    /// [`load_record`]; a log found damaged makes the ledger refuse writes, as at start-up.
+    /// [`load_record`], once the whole chain has been verified (waiting for it after a start
+    /// from a checkpoint); a log found damaged makes the ledger refuse writes, as at start-up.
     fn load(&self, id: Uuid, sequences: &[u64]) -> Result<ActionRecord, LedgerError> {
+        self.chain.finished(CHAIN_WAIT)?;
         load_record(&self.log, id, sequences).inspect_err(|e| self.health.noticed(e))
     }
 
@@ -696,9 +751,21 @@ impl Drop for Ledger {
 /// memory, or at start-up one still pending. Each event's own hash is checked; the chain as
 /// a whole was verified at start-up.
 fn load_record(log: &EventLog, id: Uuid, sequences: &[u64]) -> Result<ActionRecord, LedgerError> {
+    rebuild_from(&|sequence| log.get(sequence), id, sequences)
+}
+
+/// Where [`rebuild_from`] reads events: the log, or a checkpoint's copies.
+type Fetch<'a> = dyn Fn(u64) -> Result<Option<StoredEvent>, StoreError> + Sync + 'a;
+
+/// Rebuilds an action's record from its events as `fetch` returns them.
+fn rebuild_from(
+    fetch: &Fetch<'_>,
+    id: Uuid,
+    sequences: &[u64],
+) -> Result<ActionRecord, LedgerError> {
     let mut events = Vec::with_capacity(sequences.len());
     for &sequence in sequences {
-        let stored = match log.get(sequence) {
+        let stored = match fetch(sequence) {
             Ok(Some(stored)) => stored,
             Ok(None) => {
                 return Err(LedgerError::IntegrityFailure(format!(
@@ -757,12 +824,17 @@ fn fast_replay(
     start: Option<checkpoint::Restored>,
     settled_in_memory: usize,
 ) -> FastReplay {
-    let (mut actions, after) = match start {
+    let (mut actions, after, pending_events) = match start {
         Some(restored) => (
             restored.actions,
             Some((restored.covers, restored.covers_hash)),
+            restored.pending_events,
         ),
-        None => (Actions::with_hot_limit(settled_in_memory), None),
+        None => (
+            Actions::with_hot_limit(settled_in_memory),
+            None,
+            HashMap::new(),
+        ),
     };
     let mut fold_problem = None;
     let whole_from = log
@@ -780,8 +852,15 @@ fn fast_replay(
         Some((covers, hash)) => log.verify_and_replay_after(covers, hash, decode, &mut fold),
         None => log.verify_and_replay(decode, &mut fold),
     };
+    // Events the checkpoint covers come from the checkpoint, never from the log: that part
+    // of the log is verified only after start-up.
+    let covers = after.map_or(0, |(covers, _)| covers);
+    let fetch = |sequence: u64| match sequence <= covers {
+        true => Ok(pending_events.get(&sequence).cloned()),
+        false => log.get(sequence),
+    };
     if checked.is_some() && fold_problem.is_none() {
-        for loaded in load_records(log, actions.cold_pending()) {
+        for loaded in load_records(&fetch, actions.cold_pending()) {
             match loaded {
                 Ok((record, sequences)) => actions.insert_loaded(record, sequences),
                 Err(problem) => {
@@ -799,12 +878,7 @@ fn fast_replay(
 
 /// Verifies the whole chain after a start from a checkpoint; a chain that fails makes the
 /// ledger refuse writes, as if it had failed before serving.
-fn verify_after_start(
-    log: &EventLog,
-    health: &Health,
-    chain_check: &Mutex<ChainCheck>,
-    stop: &AtomicBool,
-) {
+fn verify_after_start(log: &EventLog, health: &Health, chain: &ChainGate, stop: &AtomicBool) {
     let started = std::time::Instant::now();
     let Some(report) = log.verify_unless(stop) else {
         return;
@@ -817,9 +891,9 @@ fn verify_after_start(
                 took_ms,
                 "the whole event log verified"
             );
-            *chain_check.lock() = ChainCheck::Passed {
+            chain.set(ChainCheck::Passed {
                 events: report.events_checked,
-            };
+            });
         }
         Some(problem) => {
             tracing::error!(
@@ -828,7 +902,7 @@ fn verify_after_start(
                 "EVENT LOG FAILED VERIFICATION after start-up: countersign refuses new actions until an operator investigates"
             );
             health.refuse(WriteRefusal::Integrity(problem.clone()));
-            *chain_check.lock() = ChainCheck::Failed { problem };
+            chain.set(ChainCheck::Failed { problem });
         }
     }
 }
@@ -840,11 +914,11 @@ const WHOLE_EVENTS_PER_HELD: usize = 4;
 /// Rebuilds cold actions on as many threads as there are cores (start-up: the actions
 /// still pending, which must be in memory).
 fn load_records(
-    log: &EventLog,
+    fetch: &Fetch<'_>,
     cold: Vec<(Uuid, Vec<u64>)>,
 ) -> Vec<Result<(ActionRecord, Vec<u64>), LedgerError>> {
     let load = |(id, sequences): (Uuid, Vec<u64>)| {
-        load_record(log, id, &sequences).map(|record| (record, sequences))
+        rebuild_from(fetch, id, &sequences).map(|record| (record, sequences))
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if threads < 2 || cold.len() < 64 {

@@ -32,6 +32,8 @@ pub(super) struct Writer {
     pub(super) observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
     /// Asked for a checkpoint as batches are applied; `None`: checkpoints are off.
     pub(super) checkpoints: Option<super::checkpoint::Trigger>,
+    /// Cold records are read only once the whole chain has verified.
+    pub(super) chain: Arc<super::ChainGate>,
 }
 
 /// How a decided command will be answered once its batch is (or is not) durable.
@@ -316,6 +318,9 @@ impl Writer {
                 Some(Lookup::Cold(sequences)) => sequences.to_vec(),
             }
         };
+        // The writer never waits for the verification after start-up: the command is refused
+        // for now (UNAVAILABLE), and a retry a moment later succeeds.
+        self.chain.finished(std::time::Duration::ZERO)?;
         // Only this thread changes the state, so the entry cannot change meanwhile.
         let record = load_record(&self.log, action_id, &sequences)
             .inspect_err(|e| self.health.noticed(e))?;

@@ -523,6 +523,24 @@ impl EventLog {
         }
     }
 
+    /// One event's stored bytes (its hash, then its body), unchecked: to be kept elsewhere and
+    /// read back with [`EventLog::decode_stored`]. `Ok(None)` past the durable head.
+    pub fn stored_bytes(&self, sequence: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if sequence == 0 || sequence > self.durable_head().sequence {
+            return Ok(None);
+        }
+        self.events
+            .get(sequence.to_be_bytes())
+            .map(|value| value.map(|v| v.to_vec()))
+            .map_err(StoreError::Read)
+    }
+
+    /// Reads back bytes [`EventLog::stored_bytes`] returned, with the event's own hash
+    /// checked, as [`EventLog::get`] does.
+    pub fn decode_stored(sequence: u64, bytes: &[u8]) -> Result<StoredEvent, StoreError> {
+        codec::decode(sequence, bytes).map_err(|problem| StoreError::Corrupt { sequence, problem })
+    }
+
     /// The events from `sequence` (1 for all) up to the last durable event at the time of the
     /// call, each checked on its own and against the one before it.
     ///

@@ -671,6 +671,19 @@ impl Actions {
             .collect()
     }
 
+    /// The log positions of every pending action's events, in order: what a checkpoint keeps
+    /// verbatim so they need not be read from the log at start-up.
+    pub fn pending_sequences(&self) -> Vec<u64> {
+        let mut sequences: Vec<u64> = self
+            .by_id
+            .values()
+            .filter(|entry| entry.status == ActionStatus::Pending)
+            .flat_map(|entry| entry.sequences.iter().copied())
+            .collect();
+        sequences.sort_unstable();
+        sequences
+    }
+
     /// Moves the position past an event that is not about any action (an access denial, a
     /// policy reload), so followers of the log see it as visible too.
     pub fn pass_over(&mut self, sequence: u64) {

@@ -549,3 +549,35 @@ pub fn change_actor_of_event(log_dir: &std::path::Path, sequence: u64) {
     events.insert(key, value).expect("write");
     db.flush().expect("flush");
 }
+
+/// Replaces `from` with `to` (the same length) in a stopped server's stored event and
+/// recomputes the event's own hash, as an attacker who knows the format would: only the
+/// next event's link to it (the chain) shows the change.
+pub fn rewrite_event_and_rehash(log_dir: &std::path::Path, sequence: u64, from: &[u8], to: &[u8]) {
+    use sha2::Digest as _;
+    assert_eq!(from.len(), to.len());
+    let db = sled::open(log_dir).expect("open stopped server's log");
+    let events = db.open_tree("events").expect("events tree");
+    let stored = |sequence: u64| -> Vec<u8> {
+        events
+            .get(sequence.to_be_bytes())
+            .expect("read")
+            .expect("event exists")
+            .to_vec()
+    };
+    let prev_hash = stored(sequence - 1)[..32].to_vec();
+    let mut value = stored(sequence);
+    let at = value[32..]
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("bytes to replace")
+        + 32;
+    value[at..at + to.len()].copy_from_slice(to);
+    let hash = sha2::Sha256::new()
+        .chain_update(&prev_hash)
+        .chain_update(&value[32..])
+        .finalize();
+    value[..32].copy_from_slice(&hash);
+    events.insert(sequence.to_be_bytes(), value).expect("write");
+    db.flush().expect("flush");
+}
