@@ -37,12 +37,14 @@ use crate::proto::action_gate_server::ActionGateServer;
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::policy_service_server::PolicyServiceServer;
 use crate::proto::review_service_server::ReviewServiceServer;
+use crate::store::EventLog;
 use crate::telemetry::http::StatusFn;
 use crate::telemetry::metrics::{Metrics, Sources};
 use crate::tls::{self, TlsError};
 
-/// How long `stop` waits for the last holders of the ledger (in-flight calls) to let go.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits for the last holders of the ledger (in-flight calls) to let go,
+/// and for the ledger to save its last checkpoint and close the log.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -260,7 +262,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let ledger = Arc::new(ledger);
     // Ends by itself when the ledger is dropped.
     ledger.start_expiry_timer();
-    let ledger_released: Weak<Ledger> = Arc::downgrade(&ledger);
+    let ledger_released: Weak<EventLog> = Arc::downgrade(ledger.log());
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let core = Arc::new(Core {
         ledger,
@@ -559,11 +561,11 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
 }
 
-/// Waits until nothing holds the ledger any more, i.e. its writer has flushed and the
-/// data directory is closed.
-async fn wait_for_release(ledger: Weak<Ledger>) -> Result<(), ServeError> {
+/// Waits until the event log is closed: the ledger was dropped, its last checkpoint saved
+/// and its writer flushed, so the data directory can be opened again.
+async fn wait_for_release(log: Weak<EventLog>) -> Result<(), ServeError> {
     let started = tokio::time::Instant::now();
-    while ledger.strong_count() > 0 {
+    while log.strong_count() > 0 {
         if started.elapsed() > RELEASE_TIMEOUT {
             return Err(ServeError::LedgerNotReleased(RELEASE_TIMEOUT));
         }
