@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ChainCheck, ChainGate, Command, Health, LedgerError};
-use crate::store::{CheckpointRef, EventLog, NewEvent, StoreError, StoredEvent};
+use crate::store::{CheckpointRef, EventLog, NewEvent, StoreError};
 use crate::workflow::record::Snapshot;
 use crate::workflow::{Actions, SERVER_ACTOR};
 
@@ -89,8 +89,9 @@ pub struct Restored {
     pub covers_hash: [u8; 32],
     /// The event that vouches for it.
     pub event: u64,
-    /// The events of the actions pending at the checkpoint, as it holds them.
-    pub pending_events: HashMap<u64, StoredEvent>,
+    /// The events of the actions pending at the checkpoint, as stored in the log (read
+    /// them with [`EventLog::decode_stored`]).
+    pub pending_events: HashMap<u64, Vec<u8>>,
 }
 
 /// Encodes the state as it is now and stores it beside the log; returns what it covers and
@@ -203,17 +204,14 @@ pub fn load(log: &EventLog, hot_limit: usize) -> Result<Option<Restored>, Checkp
     if !rest.is_empty() {
         return Err(unusable(format!("{} bytes follow its end", rest.len())));
     }
-    let mut pending_events = HashMap::with_capacity(events.len());
-    for (sequence, bytes) in events {
-        if sequence > covers {
-            return Err(unusable(format!(
-                "it holds event {sequence}, which it does not cover"
-            )));
-        }
-        let stored =
-            EventLog::decode_stored(sequence, &bytes).map_err(|e| unusable(e.to_string()))?;
-        pending_events.insert(sequence, stored);
+    if let Some((sequence, _)) = events.iter().find(|(sequence, _)| *sequence > covers) {
+        return Err(unusable(format!(
+            "it holds event {sequence}, which it does not cover"
+        )));
     }
+    // Decoded (and their own hashes checked) only as the pending actions are rebuilt, on
+    // several threads: a tree of JSON values for each of them at once would be large.
+    let pending_events = events.into_iter().collect();
     let actions = Actions::restore(snapshot, hot_limit).map_err(|e| unusable(e.to_string()))?;
     if actions.applied_sequence() != covers {
         return Err(unusable(format!(

@@ -856,7 +856,10 @@ fn fast_replay(
     // of the log is verified only after start-up.
     let covers = after.map_or(0, |(covers, _)| covers);
     let fetch = |sequence: u64| match sequence <= covers {
-        true => Ok(pending_events.get(&sequence).cloned()),
+        true => pending_events
+            .get(&sequence)
+            .map(|bytes| EventLog::decode_stored(sequence, bytes))
+            .transpose(),
         false => log.get(sequence),
     };
     if checked.is_some() && fold_problem.is_none() {

@@ -233,6 +233,22 @@ impl Table {
         }
     }
 
+    /// A table of entries whose ids are strictly increasing (a snapshot's order): the index
+    /// is built in one pass rather than by half a million inserts.
+    fn from_sorted(ids: Vec<Uuid>, entries: Vec<Entry>) -> Table {
+        let len = entries.len();
+        let mut chunks = Vec::with_capacity(len.div_ceil(CHUNK));
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            chunks.push(entries.by_ref().take(CHUNK).collect::<Vec<_>>());
+        }
+        Table {
+            index: ids.into_iter().zip(0..).collect(),
+            chunks,
+            len,
+        }
+    }
+
     fn values(&self) -> impl Iterator<Item = &Entry> {
         self.chunks.iter().flatten()
     }
@@ -868,6 +884,8 @@ impl Serialize for SnapshotEntries<'_> {
 pub enum RestoreError {
     #[error("action {0} is listed twice")]
     DuplicateAction(Uuid),
+    #[error("action {0} is listed out of order")]
+    OutOfOrder(Uuid),
     #[error("action {id} names entry {index} of {names} names")]
     UnknownName { id: Uuid, index: u32, names: usize },
     #[error("action {id} lists events {sequences:?}, which are not in order up to event {applied}")]
@@ -925,6 +943,8 @@ impl Actions {
                     names: names.len(),
                 })
         };
+        let mut ids = Vec::with_capacity(snapshot.entries.len());
+        let mut entries = Vec::with_capacity(snapshot.entries.len());
         for entry in snapshot.entries {
             let in_order = entry.sequences.windows(2).all(|w| w[0] < w[1])
                 && entry
@@ -939,19 +959,24 @@ impl Actions {
                     applied: snapshot.applied_sequence,
                 });
             }
-            if actions.by_id.contains_key(&entry.id) {
-                return Err(RestoreError::DuplicateAction(entry.id));
+            match ids.last() {
+                Some(last) if *last == entry.id => {
+                    return Err(RestoreError::DuplicateAction(entry.id));
+                }
+                Some(last) if *last > entry.id => return Err(RestoreError::OutOfOrder(entry.id)),
+                _ => {}
             }
-            let restored = Entry {
+            ids.push(entry.id);
+            entries.push(Entry {
                 status: entry.status,
                 requester_id: name(entry.id, entry.requester)?,
                 action_type: name(entry.id, entry.action_type)?,
                 sequences: entry.sequences,
                 record: None,
                 ticket: 0,
-            };
-            actions.by_id.insert(entry.id, restored);
+            });
         }
+        actions.by_id = Table::from_sorted(ids, entries);
         actions
             .by_idempotency_key
             .reserve(snapshot.idempotency.len());
@@ -1374,19 +1399,26 @@ mod tests {
             Actions::restore(unordered, 0),
             Err(RestoreError::BadSequences { .. })
         ));
+        let copy = |entry: &SnapshotEntry| SnapshotEntry {
+            id: entry.id,
+            status: entry.status,
+            requester: entry.requester,
+            action_type: entry.action_type,
+            sequences: entry.sequences.clone(),
+        };
         let mut twice = valid();
-        let first = twice.entries.remove(0);
-        twice.entries.push(SnapshotEntry {
-            id: first.id,
-            status: first.status,
-            requester: first.requester,
-            action_type: first.action_type,
-            sequences: first.sequences.clone(),
-        });
-        twice.entries.push(first);
+        let first = copy(&twice.entries[0]);
+        twice.entries.insert(1, first);
         assert_eq!(
             Actions::restore(twice, 0).err(),
             Some(RestoreError::DuplicateAction(allowed))
+        );
+        let mut unsorted = valid();
+        let first = unsorted.entries.remove(0);
+        unsorted.entries.push(first);
+        assert_eq!(
+            Actions::restore(unsorted, 0).err(),
+            Some(RestoreError::OutOfOrder(allowed))
         );
         let mut dangling = valid();
         let stranger = Uuid::now_v7();
