@@ -27,9 +27,11 @@
 //! posted an action's message) hold readers' working state. They are outside the chain:
 //! changing them never touches the evidence, and verification ignores them.
 //!
-//! Tree `checkpoints` holds saved copies of the ledger's state, each cut into pieces:
-//! key `covers (8 bytes big-endian) || piece index (4 bytes big-endian)` → up to 64 KiB, where
-//! `covers` is the last event the state includes. Tree `meta`, key `checkpoint`:
+//! Directory `checkpoints/` beside sled's files holds saved copies of the ledger's state, one
+//! file each, named by the last event the state includes (`covers`, 20 decimal digits, then
+//! `.checkpoint`), written to a temporary name, synced and renamed. They are files rather
+//! than sled values so that writing tens of megabytes never stands in the way of an
+//! append's flush. Tree `meta`, key `checkpoint`:
 //! `event sequence (8 bytes big-endian) || covers (8 bytes big-endian)`, the newest checkpoint
 //! and the event of the chain that vouches for it (it carries the checkpoint's digest). Both
 //! are outside the chain: this module stores the bytes and never interprets them, and a
@@ -193,8 +195,8 @@ pub struct EventLog {
     /// Small values readers keep per key beside their cursor (the Slack deliverer's message
     /// of each action, so it can update it); not part of the chain either.
     notes: sled::Tree,
-    /// Saved copies of the ledger's state (see the module doc); not part of the chain.
-    checkpoints: sled::Tree,
+    /// Where checkpoints are saved (see the module doc); not part of the chain.
+    checkpoints: std::path::PathBuf,
     /// Held while the newest checkpoint changes, so two savers cannot adopt out of order.
     adopting: Mutex<()>,
     /// Held for the whole of `append`, so sequence numbers cannot race even if two threads call it.
@@ -312,7 +314,7 @@ impl EventLog {
         let meta = db.open_tree("meta").map_err(open_err)?;
         let cursors = db.open_tree("cursors").map_err(open_err)?;
         let notes = db.open_tree("reader_notes").map_err(open_err)?;
-        let checkpoints = db.open_tree("checkpoints").map_err(open_err)?;
+        let checkpoints = dir.join(CHECKPOINT_DIR);
         let data_file =
             std::fs::File::open(dir.join("db")).map_err(|e| open_err(sled::Error::Io(e)))?;
         let blobs = BlobFiles::new(dir);
@@ -323,7 +325,7 @@ impl EventLog {
         if let Err(error) = sync_sled(&db, &blobs, &data_file) {
             // As after a failed append: dropping the handles would flush, which never returns.
             std::mem::forget((db.clone(), events.clone(), meta.clone()));
-            std::mem::forget((cursors.clone(), notes.clone(), checkpoints.clone()));
+            std::mem::forget((cursors.clone(), notes.clone()));
             return Err(open_err(error));
         }
 
@@ -977,44 +979,41 @@ impl EventLog {
     }
 
     /// Stores a checkpoint: the bytes of a state that includes every event up to `covers`,
-    /// replacing any stored for the same event. Not flushed here: the event that vouches for
-    /// it is appended next, and that append's flush makes both durable. Whatever a crash
-    /// leaves of it is caught by the digest that event carries.
+    /// replacing any stored for the same event, durably (the file and its directory synced)
+    /// before it returns: the event that vouches for it is appended next.
     pub fn save_checkpoint(&self, covers: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.remove_checkpoints(
-            Bound::Included(checkpoint_key(covers, 0)),
-            Bound::Included(checkpoint_key(covers, u32::MAX)),
-        )?;
-        for (index, piece) in (0u32..).zip(bytes.chunks(CHECKPOINT_PIECE)) {
-            // One piece at a time: appends wait for this lock, so they interleave.
-            self.write_beside_chain(|| {
-                self.checkpoints
-                    .insert(checkpoint_key(covers, index), piece)
-                    .map(drop)
-            })?;
-        }
-        Ok(())
+        use std::io::Write as _;
+        let io = |e: std::io::Error| {
+            StoreError::Write(sled::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("saving the checkpoint up to event {covers}: {e}"),
+            )))
+        };
+        std::fs::create_dir_all(&self.checkpoints).map_err(io)?;
+        let path = self.checkpoint_path(covers);
+        let temporary = path.with_extension(CHECKPOINT_TEMPORARY);
+        let mut file = std::fs::File::create(&temporary).map_err(io)?;
+        file.write_all(bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&temporary, &path).map_err(io)?;
+        std::fs::File::open(&self.checkpoints)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)
     }
 
     /// The stored bytes of the checkpoint that covers events up to `covers`; `None` when
-    /// there is none. Pieces missing in between are `Corrupt`.
+    /// there is none.
     pub fn checkpoint(&self, covers: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut bytes = Vec::new();
-        let mut pieces = 0u32;
-        for item in self.checkpoints.scan_prefix(covers.to_be_bytes()) {
-            let (key, piece) = item.map_err(StoreError::Read)?;
-            if key.as_ref() != checkpoint_key(covers, pieces) {
-                return Err(StoreError::Corrupt {
-                    sequence: covers,
-                    problem: format!(
-                        "piece {pieces} of the checkpoint up to event {covers} is missing"
-                    ),
-                });
-            }
-            bytes.extend_from_slice(&piece);
-            pieces += 1;
+        match std::fs::read(self.checkpoint_path(covers)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Read(sled::Error::Io(e))),
         }
-        Ok((pieces > 0).then_some(bytes))
+    }
+
+    fn checkpoint_path(&self, covers: u64) -> std::path::PathBuf {
+        self.checkpoints
+            .join(format!("{covers:020}.{CHECKPOINT_EXTENSION}"))
     }
 
     /// The newest adopted checkpoint, if any.
@@ -1038,47 +1037,63 @@ impl EventLog {
     }
 
     /// Makes `checkpoint` the one start-up uses, once the event that vouches for it is
-    /// durable, and removes the pieces of older checkpoints. A checkpoint older than the
-    /// current one is not adopted (two savers finishing out of order); its pieces go.
-    /// Durable with the next flush: until then start-up uses the previous one.
+    /// durable, and removes older checkpoints and any a crash left half written. A
+    /// checkpoint older than the current one is not adopted (two savers finishing out of
+    /// order), and is removed. The record is durable with the next flush: until then
+    /// start-up uses the previous one, which is removed only after it.
     pub fn adopt_checkpoint(&self, checkpoint: CheckpointRef) -> Result<(), StoreError> {
         let _adopting = self.adopting.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.current_checkpoint().ok().flatten();
-        if current.is_some_and(|current| current.covers >= checkpoint.covers) {
-            return self.remove_checkpoints(
-                Bound::Included(checkpoint_key(checkpoint.covers, 0)),
-                Bound::Included(checkpoint_key(checkpoint.covers, u32::MAX)),
-            );
-        }
-        let mut value = [0u8; 16];
-        value[..8].copy_from_slice(&checkpoint.event.to_be_bytes());
-        value[8..].copy_from_slice(&checkpoint.covers.to_be_bytes());
-        self.write_beside_chain(|| self.meta.insert(CHECKPOINT_KEY, &value[..]).map(drop))?;
-        self.remove_checkpoints(
-            Bound::Unbounded,
-            Bound::Excluded(checkpoint_key(checkpoint.covers, 0)),
-        )
+        let keep = match current {
+            Some(current) if current.covers >= checkpoint.covers => current.covers,
+            _ => {
+                let mut value = [0u8; 16];
+                value[..8].copy_from_slice(&checkpoint.event.to_be_bytes());
+                value[8..].copy_from_slice(&checkpoint.covers.to_be_bytes());
+                self.write_beside_chain(|| self.meta.insert(CHECKPOINT_KEY, &value[..]).map(drop))?;
+                self.flush()?;
+                checkpoint.covers
+            }
+        };
+        self.remove_checkpoints_but(keep)
     }
 
-    /// Removes every checkpoint piece in the key range.
-    fn remove_checkpoints(
-        &self,
-        from: Bound<[u8; 12]>,
-        to: Bound<[u8; 12]>,
-    ) -> Result<(), StoreError> {
-        let keys: Vec<sled::IVec> = self
-            .checkpoints
-            .range((from, to))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::Read)?;
-        for key in keys {
-            self.write_beside_chain(|| self.checkpoints.remove(key).map(drop))?;
+    /// Removes every checkpoint file but the one covering `keep` and any newer (being
+    /// saved), and temporary files.
+    fn remove_checkpoints_but(&self, keep: u64) -> Result<(), StoreError> {
+        let entries = match std::fs::read_dir(&self.checkpoints) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::Read(sled::Error::Io(e))),
+        };
+        for entry in entries {
+            let path = entry
+                .map_err(|e| StoreError::Read(sled::Error::Io(e)))?
+                .path();
+            let covers = path
+                .file_stem()
+                .and_then(|stem| stem.to_str())
+                .and_then(|stem| stem.parse::<u64>().ok());
+            let extension = path.extension().and_then(|e| e.to_str());
+            let stale = match (covers, extension) {
+                (Some(covers), Some(CHECKPOINT_EXTENSION)) => covers < keep,
+                (Some(_), Some(CHECKPOINT_TEMPORARY)) => true,
+                // Not ours: left alone.
+                _ => false,
+            };
+            if stale {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(StoreError::Write(sled::Error::Io(e)));
+                    }
+                    _ => {}
+                }
+            }
         }
         Ok(())
     }
 
-    /// Runs one write to a tree outside the chain (cursors, notes, checkpoints). Refused after
+    /// Runs one write to a tree outside the chain (cursors, notes, the checkpoint record). Refused after
     /// a failed write; a failure now refuses later ones, as a failed append does, because
     /// sled's next flush would wait forever.
     fn write_beside_chain(
@@ -1206,19 +1221,14 @@ fn sync_sled(db: &sled::Db, blobs: &BlobFiles, data_file: &std::fs::File) -> sle
     data_file.sync_data().map_err(sled::Error::Io)
 }
 
-/// Checkpoints are stored in pieces of this size: small enough to stay in sled's own log
-/// rather than in a blob file of their own, large enough to be few.
-const CHECKPOINT_PIECE: usize = 64 * 1024;
+/// Where checkpoints are saved, inside the data directory.
+const CHECKPOINT_DIR: &str = "checkpoints";
+const CHECKPOINT_EXTENSION: &str = "checkpoint";
+/// A checkpoint being written; renamed once synced, removed if a crash left it.
+const CHECKPOINT_TEMPORARY: &str = "partial";
 
 /// Where in `meta` the newest checkpoint is named.
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
-
-fn checkpoint_key(covers: u64, piece: u32) -> [u8; 12] {
-    let mut key = [0u8; 12];
-    key[..8].copy_from_slice(&covers.to_be_bytes());
-    key[8..].copy_from_slice(&piece.to_be_bytes());
-    key
-}
 
 /// `reader`, a NUL, then `key`: readers' names never contain NUL, so keys cannot collide.
 fn note_key(reader: &str, key: &str) -> Vec<u8> {
