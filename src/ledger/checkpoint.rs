@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ChainCheck, ChainGate, Command, Health, LedgerError};
-use crate::store::{CheckpointRef, EventLog, NewEvent, StoreError};
+use crate::store::{CheckpointRef, CheckpointWriter, EventLog, NewEvent, StoreError};
 use crate::workflow::record::Snapshot;
 use crate::workflow::{Actions, SERVER_ACTOR};
 
@@ -101,7 +101,7 @@ fn save(
     state: &RwLock<Actions>,
 ) -> Result<Option<(u64, NewEvent)>, CheckpointError> {
     // The only time the writer waits: it cannot publish a batch while this reads the state.
-    let (bytes, covers, actions, pending) = {
+    let (state_bytes, covers, actions, pending) = {
         let state = state.read();
         let bytes = postcard::to_extend(&state.snapshot(), MAGIC.to_vec())
             .map_err(|e| CheckpointError::Encode(e.to_string()))?;
@@ -111,28 +111,33 @@ fn save(
     if covers == 0 {
         return Ok(None);
     }
-    // The events of the actions still pending, verbatim: start-up rebuilds them from here,
-    // so it reads nothing from before the checkpoint until the whole chain has verified.
-    let mut events = Vec::with_capacity(pending.len());
-    for sequence in pending {
-        let stored = log
-            .stored_bytes(sequence)?
-            .ok_or(CheckpointError::Missing(sequence))?;
-        events.push((sequence, stored));
-    }
-    let bytes =
-        postcard::to_extend(&events, bytes).map_err(|e| CheckpointError::Encode(e.to_string()))?;
     let covers_hash = log
         .get(covers)?
         .ok_or(CheckpointError::Missing(covers))?
         .hash;
-    log.save_checkpoint(covers, &bytes)?;
+    // Then the events of the actions still pending, verbatim: start-up rebuilds them from
+    // here, so it reads nothing from before the checkpoint until the whole chain has
+    // verified. Written one at a time: never the whole checkpoint in memory.
+    // A failure leaves a temporary file, removed when the next checkpoint is adopted.
+    let mut out = Hashing::new(log.create_checkpoint(covers)?);
+    out.write(&state_bytes)?;
+    drop(state_bytes);
+    // As postcard encodes a `Vec<(u64, Vec<u8>)>`: its length, then each element.
+    out.write(&encode(&pending.len())?)?;
+    for sequence in pending {
+        let stored = log
+            .stored_bytes(sequence)?
+            .ok_or(CheckpointError::Missing(sequence))?;
+        out.write(&encode(&(sequence, &stored[..]))?)?;
+    }
+    let (file, digest, bytes) = out.finish();
+    file.finish()?;
     let payload = Checkpointed {
         format: FORMAT,
         covers_sequence: covers,
         covers_hash: hex::encode(covers_hash),
-        digest: hex::encode(Sha256::digest(&bytes)),
-        bytes: bytes.len() as u64,
+        digest: hex::encode(digest),
+        bytes,
         actions: actions as u64,
     };
     let payload =
@@ -147,6 +152,41 @@ fn save(
             payload,
         },
     )))
+}
+
+fn encode(value: &impl Serialize) -> Result<Vec<u8>, CheckpointError> {
+    postcard::to_stdvec(value).map_err(|e| CheckpointError::Encode(e.to_string()))
+}
+
+/// Writes a checkpoint and hashes what it writes.
+struct Hashing {
+    file: CheckpointWriter,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Hashing {
+    fn new(file: CheckpointWriter) -> Hashing {
+        Hashing {
+            file,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
+        use std::io::Write as _;
+        self.file
+            .write_all(bytes)
+            .map_err(|e| CheckpointError::Store(StoreError::Write(sled::Error::Io(e))))?;
+        self.hasher.update(bytes);
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn finish(self) -> (CheckpointWriter, [u8; 32], u64) {
+        (self.file, self.hasher.finalize().into(), self.bytes)
+    }
 }
 
 /// The newest adopted checkpoint, checked against the event that vouches for it; `Ok(None)`
@@ -374,4 +414,25 @@ fn save_and_adopt(shared: &Shared) -> Result<Option<CheckpointRef>, CheckpointEr
     let adopted = CheckpointRef { event, covers };
     shared.log.adopt_checkpoint(adopted)?;
     Ok(Some(adopted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pending actions' events are written one at a time; read back, they must be the
+    /// `Vec<(u64, Vec<u8>)>` that `load` decodes.
+    #[test]
+    fn events_written_one_at_a_time_read_back_as_one_list() {
+        let events: Vec<(u64, Vec<u8>)> =
+            vec![(3, vec![1, 2, 3]), (300, vec![0; 200]), (7, vec![])];
+        let mut streamed = encode(&events.len()).unwrap();
+        for (sequence, bytes) in &events {
+            streamed.extend(encode(&(*sequence, &bytes[..])).unwrap());
+        }
+        assert_eq!(streamed, postcard::to_stdvec(&events).unwrap());
+        let (read, rest) = postcard::take_from_bytes::<Vec<(u64, Vec<u8>)>>(&streamed).unwrap();
+        assert_eq!(read, events);
+        assert!(rest.is_empty());
+    }
 }

@@ -149,6 +149,48 @@ pub struct VerifyReport {
     pub head_hash: [u8; 32],
 }
 
+/// A checkpoint being saved (see [`EventLog::create_checkpoint`]). Dropped without
+/// [`CheckpointWriter::finish`], it leaves a temporary file that the next adoption removes.
+pub struct CheckpointWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    temporary: std::path::PathBuf,
+    path: std::path::PathBuf,
+    covers: u64,
+}
+
+impl std::io::Write for CheckpointWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.file.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl CheckpointWriter {
+    /// Syncs the file, gives it its name and syncs the directory: durable when this
+    /// returns, before the event that vouches for it is appended.
+    pub fn finish(self) -> Result<(), StoreError> {
+        let covers = self.covers;
+        let io = |e: std::io::Error| checkpoint_write_error(covers, &e);
+        let file = self.file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&self.temporary, &self.path).map_err(io)?;
+        let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)
+    }
+}
+
+fn checkpoint_write_error(covers: u64, error: &std::io::Error) -> StoreError {
+    StoreError::Write(sled::Error::Io(std::io::Error::new(
+        error.kind(),
+        format!("saving the checkpoint up to event {covers}: {error}"),
+    )))
+}
+
 /// A checkpoint of the ledger's state: the events it includes (up to `covers`), and the
 /// event of the chain that vouches for its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -978,27 +1020,31 @@ impl EventLog {
         self.flush()
     }
 
-    /// Stores a checkpoint: the bytes of a state that includes every event up to `covers`,
-    /// replacing any stored for the same event, durably (the file and its directory synced)
-    /// before it returns: the event that vouches for it is appended next.
-    pub fn save_checkpoint(&self, covers: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        use std::io::Write as _;
-        let io = |e: std::io::Error| {
-            StoreError::Write(sled::Error::Io(std::io::Error::new(
-                e.kind(),
-                format!("saving the checkpoint up to event {covers}: {e}"),
-            )))
-        };
-        std::fs::create_dir_all(&self.checkpoints).map_err(io)?;
+    /// Starts saving a checkpoint: the bytes of a state that includes every event up to
+    /// `covers`. Written to a temporary file; [`CheckpointWriter::finish`] makes it durable
+    /// under its name, replacing any saved for the same event.
+    pub fn create_checkpoint(&self, covers: u64) -> Result<CheckpointWriter, StoreError> {
         let path = self.checkpoint_path(covers);
         let temporary = path.with_extension(CHECKPOINT_TEMPORARY);
-        let mut file = std::fs::File::create(&temporary).map_err(io)?;
-        file.write_all(bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&temporary, &path).map_err(io)?;
-        std::fs::File::open(&self.checkpoints)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io)
+        let file = std::fs::create_dir_all(&self.checkpoints)
+            .and_then(|()| std::fs::File::create(&temporary))
+            .map_err(|e| checkpoint_write_error(covers, &e))?;
+        Ok(CheckpointWriter {
+            file: std::io::BufWriter::new(file),
+            temporary,
+            path,
+            covers,
+        })
+    }
+
+    /// Saves a checkpoint whole (see [`EventLog::create_checkpoint`]).
+    pub fn save_checkpoint(&self, covers: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        use std::io::Write as _;
+        let mut writer = self.create_checkpoint(covers)?;
+        writer
+            .write_all(bytes)
+            .map_err(|e| checkpoint_write_error(covers, &e))?;
+        writer.finish()
     }
 
     /// The stored bytes of the checkpoint that covers events up to `covers`; `None` when
