@@ -12,6 +12,7 @@ use common::{
     shipped_policies, string,
 };
 use countersign::config::ServerConfig;
+use countersign::ledger::ReplayReport;
 use countersign::proto::{self, ActionStatus, Outcome, Verdict};
 use tonic::Code;
 
@@ -22,6 +23,12 @@ fn with_status(config: &mut ServerConfig) {
 fn whole_log(config: &mut ServerConfig) {
     with_status(config);
     config.checkpoint_every = 0;
+}
+
+/// What the running server's start-up found.
+fn start_up(server: &TestServer) -> ReplayReport {
+    let running = server.running.as_ref().expect("the server runs");
+    running.replay_report().clone()
 }
 
 fn vote(action_id: &str, reason: &str) -> proto::SubmitReviewRequest {
@@ -186,7 +193,7 @@ async fn after_a_crash_start_up_replays_only_the_events_after_the_last_checkpoin
     process.child.wait().expect("wait");
 
     server.restart().await;
-    let replay = server.running.as_ref().unwrap().replay_report().clone();
+    let replay = start_up(&server);
     let from = replay
         .from_checkpoint
         .expect("started from the periodic checkpoint");
@@ -199,7 +206,7 @@ async fn after_a_crash_start_up_replays_only_the_events_after_the_last_checkpoin
 
     server.tweak = whole_log;
     server.restart().await;
-    let replay = server.running.as_ref().unwrap().replay_report().clone();
+    let replay = start_up(&server);
     assert_eq!(replay.from_checkpoint, None);
     assert_eq!(everything_readable(&server, &ids).await, from_checkpoint);
 
@@ -207,15 +214,7 @@ async fn after_a_crash_start_up_replays_only_the_events_after_the_last_checkpoin
     // and the second vote approves the grant that was pending at the checkpoint.
     server.tweak = with_status;
     server.restart().await;
-    assert!(
-        server
-            .running
-            .as_ref()
-            .unwrap()
-            .replay_report()
-            .from_checkpoint
-            .is_some()
-    );
+    assert!(start_up(&server).from_checkpoint.is_some());
     let mut reader = server.gate(&Caller::agent("reader-bot")).await;
     let again = reader.check_action(keyed).await.unwrap().into_inner();
     assert_eq!(again.action_id, read.action_id);
@@ -261,15 +260,7 @@ async fn a_checkpoint_the_chain_does_not_vouch_for_is_replaced_by_the_whole_log(
     let _watchdog = Watchdog::new("untrusted checkpoint test");
     let (mut server, ids) = a_stopped_server_with_a_checkpoint().await;
     server.restart().await;
-    assert_eq!(
-        server
-            .running
-            .as_ref()
-            .unwrap()
-            .replay_report()
-            .from_checkpoint,
-        Some(8)
-    );
+    assert_eq!(start_up(&server).from_checkpoint, Some(8));
     let expected = everything_readable(&server, &ids).await;
     server.stop().await;
 
@@ -305,7 +296,7 @@ async fn a_checkpoint_the_chain_does_not_vouch_for_is_replaced_by_the_whole_log(
     for (what, edit, said) in edits {
         edit(&server.data.path().join("log"));
         server.restart().await;
-        let replay = server.running.as_ref().unwrap().replay_report().clone();
+        let replay = start_up(&server);
         assert_eq!(replay.from_checkpoint, None, "{what}");
         let problem = replay.checkpoint_problem.unwrap_or_default();
         assert!(problem.contains(said), "{what}: {problem}");
@@ -340,7 +331,7 @@ async fn a_log_changed_before_the_checkpoint_is_found_after_start_up() {
     change_actor_of_event(&server.data.path().join("log"), 1);
 
     server.restart().await;
-    let replay = server.running.as_ref().unwrap().replay_report().clone();
+    let replay = start_up(&server);
     assert_eq!(replay.from_checkpoint, Some(8));
     assert_eq!(replay.integrity_problem, None, "not read before serving");
     common::wait_until_gate_not_serving(&server).await;
@@ -373,7 +364,7 @@ async fn a_log_changed_before_the_checkpoint_is_found_after_start_up() {
         config.verify_before_serving = true;
     };
     server.restart().await;
-    let replay = server.running.as_ref().unwrap().replay_report().clone();
+    let replay = start_up(&server);
     assert_eq!(replay.from_checkpoint, None);
     assert!(replay.integrity_problem.is_some());
     let mut gate = server.gate(&Caller::agent("ops-bot")).await;
@@ -403,7 +394,7 @@ async fn a_pending_action_is_restored_from_the_checkpoint_not_from_the_log() {
     );
 
     server.restart().await;
-    let replay = server.running.as_ref().unwrap().replay_report().clone();
+    let replay = start_up(&server);
     assert_eq!(replay.from_checkpoint, Some(8));
     let record = server
         .review(&Caller::human("carol", "security"))
@@ -435,15 +426,7 @@ async fn the_chain_before_the_checkpoint_is_verified_after_start_up() {
     let _watchdog = Watchdog::new("verification after start-up test");
     let (mut server, _) = a_stopped_server_with_a_checkpoint().await;
     server.restart().await;
-    assert_eq!(
-        server
-            .running
-            .as_ref()
-            .unwrap()
-            .replay_report()
-            .from_checkpoint,
-        Some(8)
-    );
+    assert_eq!(start_up(&server).from_checkpoint, Some(8));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = server_status(&server).await;
@@ -458,7 +441,7 @@ async fn the_chain_before_the_checkpoint_is_verified_after_start_up() {
     }
     // Restarting without traffic adds no checkpoint event.
     server.restart().await;
-    let replay = server.running.as_ref().unwrap().replay_report().clone();
+    let replay = start_up(&server);
     assert_eq!((replay.events, replay.from_checkpoint), (9, Some(8)));
     server.stop().await;
 }
