@@ -228,7 +228,8 @@ pub fn load(log: &EventLog, hot_limit: usize) -> Result<Option<Restored>, Checkp
         ));
     }
     let bytes = log
-        .checkpoint(covers)?
+        .checkpoint(covers, claims.bytes)
+        .map_err(|e| unusable(e.to_string()))?
         .ok_or_else(|| unusable("its bytes are missing".into()))?;
     if bytes.len() as u64 != claims.bytes || hex::encode(Sha256::digest(&bytes)) != claims.digest {
         return Err(unusable(

@@ -1048,13 +1048,31 @@ impl EventLog {
     }
 
     /// The stored bytes of the checkpoint that covers events up to `covers`; `None` when
-    /// there is none.
-    pub fn checkpoint(&self, covers: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        match std::fs::read(self.checkpoint_path(covers)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::Read(sled::Error::Io(e))),
+    /// there is none. A file longer than `at_most` bytes (what the event that vouches for it
+    /// records) is `Corrupt` without being read.
+    pub fn checkpoint(&self, covers: u64, at_most: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        use std::io::Read as _;
+        let read_error = |e: std::io::Error| StoreError::Read(sled::Error::Io(e));
+        let file = match std::fs::File::open(self.checkpoint_path(covers)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_error(e)),
+        };
+        let len = file.metadata().map_err(read_error)?.len();
+        if len > at_most {
+            return Err(StoreError::Corrupt {
+                sequence: covers,
+                problem: format!(
+                    "the checkpoint up to event {covers} is {len} bytes, more than the {at_most} \
+                     recorded for it"
+                ),
+            });
         }
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        file.take(at_most)
+            .read_to_end(&mut bytes)
+            .map_err(read_error)?;
+        Ok(Some(bytes))
     }
 
     fn checkpoint_path(&self, covers: u64) -> std::path::PathBuf {

@@ -1023,14 +1023,14 @@ fn checkpoints_are_saved_as_files_and_only_the_newest_is_kept() -> TestResult {
     let dir = log_with(10)?;
     let log = EventLog::open(dir.path())?;
     assert_eq!(log.current_checkpoint()?, None);
-    assert_eq!(log.checkpoint(4)?, None);
+    assert_eq!(log.checkpoint(4, u64::MAX)?, None);
     let big: Vec<u8> = (0..300_011).map(|i| (i % 251) as u8).collect();
     log.save_checkpoint(4, &big)?;
     log.save_checkpoint(7, b"seven")?;
     // Saved again for the same event: replaced whole.
     log.save_checkpoint(4, b"four")?;
     log.save_checkpoint(4, &big)?;
-    assert_eq!(log.checkpoint(4)?.as_deref(), Some(&big[..]));
+    assert_eq!(log.checkpoint(4, u64::MAX)?.as_deref(), Some(&big[..]));
     // What a crash in the middle of writing one leaves.
     let files = dir.path().join(CHECKPOINT_DIR);
     std::fs::write(files.join("00000000000000000003.partial"), b"half")?;
@@ -1043,14 +1043,14 @@ fn checkpoints_are_saved_as_files_and_only_the_newest_is_kept() -> TestResult {
         event: 8,
         covers: 7,
     })?;
-    assert_eq!(log.checkpoint(4)?, None, "older ones removed");
+    assert_eq!(log.checkpoint(4, u64::MAX)?, None, "older ones removed");
     // A late saver of an older state: not adopted, and removed.
     log.save_checkpoint(6, b"six")?;
     log.adopt_checkpoint(CheckpointRef {
         event: 9,
         covers: 6,
     })?;
-    assert_eq!(log.checkpoint(6)?, None);
+    assert_eq!(log.checkpoint(6, u64::MAX)?, None);
     let mut left: Vec<String> = std::fs::read_dir(&files)?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_, _>>()?;
@@ -1066,7 +1066,14 @@ fn checkpoints_are_saved_as_files_and_only_the_newest_is_kept() -> TestResult {
             covers: 7
         })
     );
-    assert_eq!(log.checkpoint(7)?.as_deref(), Some(&b"seven"[..]));
+    assert_eq!(log.checkpoint(7, 5)?.as_deref(), Some(&b"seven"[..]));
+    assert!(
+        matches!(
+            log.checkpoint(7, 4),
+            Err(StoreError::Corrupt { sequence: 7, .. })
+        ),
+        "longer than its event records: not read"
+    );
     let report = verify(&log);
     assert!(report.ok, "{report:?}");
     assert_eq!(report.events_checked, 10);
