@@ -32,7 +32,7 @@ pub(super) struct Writer {
     pub(super) observer: Arc<std::sync::OnceLock<Arc<dyn LedgerObserver>>>,
     /// Asked for a checkpoint as batches are applied; `None`: checkpoints are off.
     pub(super) checkpoints: Option<super::checkpoint::Trigger>,
-    /// Cold records are read only once the whole chain has verified.
+    /// Cold records are read only once the verification after start-up has finished.
     pub(super) chain: Arc<super::ChainGate>,
 }
 
