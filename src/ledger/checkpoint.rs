@@ -95,19 +95,29 @@ pub struct Restored {
     pub pending_events: HashMap<u64, Vec<u8>>,
 }
 
-/// Encodes the state as it is now and stores it beside the log; returns what it covers and
-/// the event to append for it. `None` for an empty log.
+/// A checkpoint saved, and what it cost.
+struct Saved {
+    covers: u64,
+    bytes: u64,
+    /// How long the state's read lock was held (the writer could not publish meanwhile).
+    locked: std::time::Duration,
+}
+
+/// Encodes the state as it is now and stores it beside the log; returns it with the event
+/// to append for it. `None` for an empty log.
 fn save(
     log: &EventLog,
     state: &RwLock<Actions>,
-) -> Result<Option<(u64, NewEvent)>, CheckpointError> {
+) -> Result<Option<(Saved, NewEvent)>, CheckpointError> {
     // The only time the writer waits: it cannot publish a batch while this reads the state.
-    let (state_bytes, covers, actions, pending) = {
+    let locking = std::time::Instant::now();
+    let (state_bytes, covers, actions, pending, locked) = {
         let state = state.read();
         let bytes = postcard::to_extend(&state.snapshot(), MAGIC.to_vec())
             .map_err(|e| CheckpointError::Encode(e.to_string()))?;
         let pending = state.pending_sequences();
-        (bytes, state.applied_sequence(), state.len(), pending)
+        let applied = state.applied_sequence();
+        (bytes, applied, state.len(), pending, locking.elapsed())
     };
     if covers == 0 {
         return Ok(None);
@@ -143,16 +153,19 @@ fn save(
     };
     let payload =
         serde_json::to_value(&payload).map_err(|e| CheckpointError::Encode(e.to_string()))?;
-    Ok(Some((
+    let saved = Saved {
         covers,
-        NewEvent {
-            kind: CHECKPOINTED.to_owned(),
-            time: Utc::now(),
-            actor: SERVER_ACTOR.to_owned(),
-            action_id: None,
-            payload,
-        },
-    )))
+        bytes,
+        locked,
+    };
+    let event = NewEvent {
+        kind: CHECKPOINTED.to_owned(),
+        time: Utc::now(),
+        actor: SERVER_ACTOR.to_owned(),
+        action_id: None,
+        payload,
+    };
+    Ok(Some((saved, event)))
 }
 
 fn encode(value: &impl Serialize) -> Result<Vec<u8>, CheckpointError> {
@@ -376,12 +389,14 @@ fn run(
         if shared.health.refuse_writes().is_none() && verified && !idle {
             let started = std::time::Instant::now();
             match save_and_adopt(shared) {
-                Ok(Some(saved)) => {
-                    covers.store(saved.covers, Ordering::Release);
-                    vouched_by = saved.event;
+                Ok(Some((adopted, saved))) => {
+                    covers.store(adopted.covers, Ordering::Release);
+                    vouched_by = adopted.event;
                     tracing::info!(
-                        covers = saved.covers,
-                        event = saved.event,
+                        covers = adopted.covers,
+                        event = adopted.event,
+                        bytes = saved.bytes,
+                        state_locked_ms = saved.locked.as_millis() as u64,
                         took_ms = started.elapsed().as_millis() as u64,
                         "checkpoint saved"
                     );
@@ -398,8 +413,8 @@ fn run(
     }
 }
 
-fn save_and_adopt(shared: &Shared) -> Result<Option<CheckpointRef>, CheckpointError> {
-    let Some((covers, event)) = save(&shared.log, &shared.state)? else {
+fn save_and_adopt(shared: &Shared) -> Result<Option<(CheckpointRef, Saved)>, CheckpointError> {
+    let Some((saved, event)) = save(&shared.log, &shared.state)? else {
         return Ok(None);
     };
     let commands = shared.commands.upgrade().ok_or(LedgerError::Stopped)?;
@@ -413,9 +428,12 @@ fn save_and_adopt(shared: &Shared) -> Result<Option<CheckpointRef>, CheckpointEr
     // Not held while waiting: the queue must be able to close.
     drop(commands);
     let event = answer.blocking_recv().map_err(|_| LedgerError::Stopped)??;
-    let adopted = CheckpointRef { event, covers };
+    let adopted = CheckpointRef {
+        event,
+        covers: saved.covers,
+    };
     shared.log.adopt_checkpoint(adopted)?;
-    Ok(Some(adopted))
+    Ok(Some((adopted, saved)))
 }
 
 #[cfg(test)]
