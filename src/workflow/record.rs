@@ -816,7 +816,7 @@ impl Actions {
 /// What a checkpoint keeps of the state: every action's entry (status, names, where its
 /// events are), the idempotency index and the position; no record. Restored with
 /// [`Actions::restore`], every action is cold: the ledger then rebuilds the pending ones
-/// from the log, as after a replay from summaries.
+/// from their events (a checkpoint keeps a copy of them), as after a replay from summaries.
 ///
 /// Field order is the stored format (see `ledger::checkpoint`): change it only with a new
 /// format version there.
