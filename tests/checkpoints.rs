@@ -40,28 +40,6 @@ fn vote(action_id: &str, reason: &str) -> proto::SubmitReviewRequest {
     }
 }
 
-/// The kinds of the events after `after`.
-async fn kinds_after(address: SocketAddr, after: u64) -> Vec<(u64, String)> {
-    let mut audit = proto::audit_service_client::AuditServiceClient::with_interceptor(
-        common::channel_to(address).await,
-        Caller::human("auditor", "auditors"),
-    );
-    let mut stream = audit
-        .read_events(proto::ReadEventsRequest {
-            after_sequence: after,
-            action_id: String::new(),
-            follow: false,
-        })
-        .await
-        .expect("read events")
-        .into_inner();
-    let mut kinds = Vec::new();
-    while let Some(message) = stream.message().await.expect("event stream") {
-        kinds.extend(message.event.map(|e| (e.sequence, e.kind)));
-    }
-    kinds
-}
-
 /// A server process killed without warning after a periodic checkpoint: the next start
 /// restores that checkpoint and replays the events after it (votes and an approval of
 /// actions pending at the checkpoint, an outcome of an action settled before it, new
@@ -134,11 +112,11 @@ async fn after_a_crash_start_up_replays_only_the_events_after_the_last_checkpoin
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     let covers = loop {
-        let checkpoints: Vec<u64> = kinds_after(process.address, 1000)
+        let checkpoints: Vec<u64> = common::read_events_at(process.address, 1000, "")
             .await
             .into_iter()
-            .filter(|(_, kind)| kind == "log.checkpointed")
-            .map(|(sequence, _)| sequence)
+            .filter(|event| event.kind == "log.checkpointed")
+            .map(|event| event.sequence)
             .collect();
         if let Some(&event) = checkpoints.first() {
             break event;

@@ -439,10 +439,23 @@ pub async fn access_denials(server: &TestServer, at_least: usize) -> Vec<proto::
 }
 
 pub async fn read_events(server: &TestServer, action_id: &str) -> Vec<proto::Event> {
-    let mut audit = server.audit(&Caller::human("auditor", "auditors")).await;
+    read_events_at(server.addr(), 0, action_id).await
+}
+
+/// The events after `after_sequence` (of one action, unless `action_id` is empty) of the
+/// server at `address`, as an auditor reads them.
+pub async fn read_events_at(
+    address: SocketAddr,
+    after_sequence: u64,
+    action_id: &str,
+) -> Vec<proto::Event> {
+    let mut audit = AuditServiceClient::with_interceptor(
+        channel_to(address).await,
+        Caller::human("auditor", "auditors"),
+    );
     let mut stream = audit
         .read_events(proto::ReadEventsRequest {
-            after_sequence: 0,
+            after_sequence,
             action_id: action_id.to_string(),
             follow: false,
         })
