@@ -379,7 +379,10 @@ impl Ledger {
         let log = Arc::new(EventLog::open(data_dir)?);
         let open_took = started.elapsed();
 
-        let upfront = verify_before_serving.then(|| log.verify());
+        // Only a start from a checkpoint needs this: a whole-log replay verifies as it reads.
+        let from_a_checkpoint =
+            checkpoint_every > 0 && matches!(log.current_checkpoint(), Ok(Some(_)));
+        let upfront = (verify_before_serving && from_a_checkpoint).then(|| log.verify());
         let mut checkpoint_problem = None;
         let restored = match &upfront {
             Some(report) if !report.ok => None,
