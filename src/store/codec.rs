@@ -24,10 +24,6 @@ pub(crate) const GENESIS_HASH: [u8; HASH_LEN] = [0; HASH_LEN];
 /// Key of the head record in the `meta` tree.
 pub(crate) const HEAD_KEY: &[u8] = b"head";
 
-/// Fixed-width UTC form: nine fractional digits, so two times never format differently for the
-/// same instant and the stored text sorts like the instants it names.
-const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.9fZ";
-
 /// `SHA-256(prev_hash || body)`: the link that makes the log tamper-evident.
 pub(crate) fn chain_hash(prev_hash: &[u8; HASH_LEN], body: &[u8]) -> [u8; HASH_LEN] {
     Sha256::new()
@@ -262,8 +258,12 @@ pub(crate) fn decode_key(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
+/// The body's time: a fixed-width UTC form, `%Y-%m-%dT%H:%M:%S%.9fZ`, with nine fractional
+/// digits, so two times never format differently for the same instant and the stored text
+/// sorts like the instants it names. Written without a strftime pattern, which chrono would
+/// parse again for every event (the writer formats two a check).
 fn write_time<S: Serializer>(time: &&DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&time.format(TIME_FORMAT))
+    s.serialize_str(&time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
 }
 
 fn write_hash<S: Serializer>(hash: &&[u8; HASH_LEN], s: S) -> Result<S::Ok, S::Error> {
@@ -323,4 +323,47 @@ fn read_hash<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; HASH_LEN], D::Error
         }
     }
     d.deserialize_str(Hex32)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveDate, TimeZone};
+
+    use super::*;
+
+    /// The layout documented on `write_time`, as every stored event so far has it.
+    const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.9fZ";
+
+    /// The body's time text is [`TIME_FORMAT`]'s, whatever the instant: bodies written before
+    /// and after the faster formatting must be the same bytes.
+    #[test]
+    fn time_is_written_in_the_documented_format() {
+        let mut times: Vec<DateTime<Utc>> = vec![
+            Utc.with_ymd_and_hms(2025, 3, 14, 15, 9, 27).unwrap(),
+            Utc.timestamp_opt(1_741_964_967, 234_567_891).unwrap(),
+            Utc.timestamp_opt(1_741_964_967, 1).unwrap(),
+            Utc.timestamp_opt(1_741_964_967, 100_000_000).unwrap(),
+            Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+        ];
+        // A leap second, which chrono represents with nanoseconds past 10^9.
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .unwrap();
+        times.push(Utc.from_utc_datetime(&leap));
+        for time in times {
+            let written = serde_json::to_value(TimeOnly { time: &time }).unwrap();
+            assert_eq!(
+                written["time"],
+                time.format(TIME_FORMAT).to_string(),
+                "{time:?}"
+            );
+        }
+    }
+
+    #[derive(Serialize)]
+    struct TimeOnly<'a> {
+        #[serde(serialize_with = "write_time")]
+        time: &'a DateTime<Utc>,
+    }
 }

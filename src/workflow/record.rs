@@ -224,7 +224,10 @@ impl Table {
             return;
         }
         if self.chunks.last().is_none_or(|chunk| chunk.len() == CHUNK) {
-            self.chunks.push(Vec::with_capacity(CHUNK));
+            // Grown by doubling, not reserved whole: the writer folds every batch into a
+            // scratch table of a few entries, and reserving 320 KB for each batch cost the
+            // writer a quarter of its CPU (the allocation and its first touch).
+            self.chunks.push(Vec::new());
         }
         if let Some(chunk) = self.chunks.last_mut() {
             chunk.push(entry);
@@ -1315,6 +1318,22 @@ mod tests {
         let mut scratch = Actions::default();
         let last = ids[ids.len() - 1];
         assert!(scratch.copy_hot_from(&actions, &last));
+        // A scratch state is made for every batch: it must not reserve a whole chunk.
+        let reserved: usize = scratch.by_id.chunks.iter().map(Vec::capacity).sum();
+        assert!(
+            reserved < 16,
+            "a one-entry scratch table reserved {reserved} entries"
+        );
+        // Filled chunks end at exactly CHUNK entries however they grew.
+        assert!(
+            actions
+                .by_id
+                .chunks
+                .iter()
+                .rev()
+                .skip(1)
+                .all(|c| c.len() == CHUNK)
+        );
         let old = ids[1];
         let rebuilt = Actions::rebuild(old, log.of(old)).unwrap();
         let sequences = cold_sequences(&actions, &old).unwrap();
