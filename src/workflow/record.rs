@@ -1287,6 +1287,62 @@ mod tests {
         assert_eq!(none_hot.applied_sequence(), 7);
     }
 
+    /// The snapshot's bytes are checkpoint format 1: a state encoded today must read as the
+    /// same bytes a checkpoint written by earlier versions holds.
+    #[test]
+    fn snapshot_bytes_are_checkpoint_format_1() {
+        let mut actions = Actions::with_hot_limit(0);
+        let mut log = Log::new();
+        let allowed = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+        let pending = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0002);
+        log.append(
+            &mut actions,
+            allowed,
+            check(ActionStatus::Allowed, "x", "x").into(),
+        );
+        log.append(
+            &mut actions,
+            pending,
+            check(ActionStatus::Pending, "y", "y").into(),
+        );
+        let bytes = postcard::to_stdvec(&actions.snapshot()).unwrap();
+        let names = ["x", "y"].map(|n| {
+            let mut name = vec![1u8];
+            name.extend(n.as_bytes());
+            name
+        });
+        // The names' order is the interning set's; either order is format 1.
+        let (first, second, x, y) = if bytes.get(3) == Some(&b'x') {
+            (&names[0], &names[1], 0u8, 1u8)
+        } else {
+            (&names[1], &names[0], 1, 0)
+        };
+        let uuid = |id: Uuid| [&[16u8][..], id.as_bytes()].concat();
+        // Varints: the position, the two names, then each entry: its id, status (Allowed 0,
+        // Pending 2), requester and type (indexes into the names) and its sequences.
+        let mut expected = vec![4u8, 2];
+        expected.extend(first);
+        expected.extend(second);
+        expected.push(2);
+        expected.extend(uuid(allowed));
+        expected.extend([0, x, x, 2, 1, 2]);
+        expected.extend(uuid(pending));
+        expected.extend([2, y, y, 2, 3, 4]);
+        assert_eq!(
+            bytes.get(..expected.len()),
+            Some(&expected[..]),
+            "{bytes:?}"
+        );
+        // Then the idempotency index in its (hash) order, compared as a set: 32 bytes of key
+        // hash, then the action.
+        let rest = &bytes[expected.len()..];
+        assert_eq!(rest.first(), Some(&2));
+        assert_eq!(rest.len(), 1 + 2 * (32 + 17));
+        let mut keys: Vec<&[u8]> = rest[1..].chunks(49).map(|c| &c[32..]).collect();
+        keys.sort();
+        assert_eq!(keys, [uuid(allowed), uuid(pending)]);
+    }
+
     #[test]
     fn thousands_of_actions_span_chunks_and_list_newest_first() {
         let mut actions = Actions::with_hot_limit(10);
