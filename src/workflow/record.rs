@@ -828,7 +828,7 @@ pub struct SnapshotOf<'a> {
     applied_sequence: u64,
     names: Vec<&'a str>,
     entries: SnapshotEntries<'a>,
-    idempotency: Vec<(&'a [u8; 32], &'a Uuid)>,
+    idempotency: SnapshotKeys<'a>,
 }
 
 /// [`SnapshotOf`] as read back.
@@ -883,6 +883,16 @@ impl Serialize for SnapshotEntries<'_> {
     }
 }
 
+/// The idempotency index as `(key hash, action)` pairs, written straight from the map: a
+/// collected copy would be fresh memory, faulted in while the state's lock is held.
+struct SnapshotKeys<'a>(&'a HashMap<IdempotencySlot, Uuid>);
+
+impl Serialize for SnapshotKeys<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|(slot, id)| (&slot.0, id)))
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RestoreError {
     #[error("action {0} is listed twice")]
@@ -917,11 +927,7 @@ impl Actions {
                 table: &self.by_id,
                 name_index,
             },
-            idempotency: self
-                .by_idempotency_key
-                .iter()
-                .map(|(slot, id)| (&slot.0, id))
-                .collect(),
+            idempotency: SnapshotKeys(&self.by_idempotency_key),
         }
     }
 
