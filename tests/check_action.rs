@@ -450,3 +450,82 @@ async fn an_agent_cannot_read_another_agents_action() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 }
+
+/// Doubles that serde_json's default reader parses back as a neighbouring value: one such
+/// request used to fail every other caller's check in the same group commit.
+const POISON_DOUBLES: [f64; 4] = [
+    489_301.000_000_476_84,
+    228_762.221_270_452_66,
+    0.300_000_000_000_000_04,
+    123_456.789_012_345_68,
+];
+
+#[tokio::test]
+async fn a_caller_sending_awkward_doubles_never_fails_another_callers_check() {
+    let server = TestServer::start().await;
+    let mut poisoner = server.gate(&Caller::agent("float-bot")).await;
+    let poison = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        for round in 0..40 {
+            let value = POISON_DOUBLES[round % POISON_DOUBLES.len()];
+            let answer = poisoner
+                .check_action(check(
+                    "storage.object.read",
+                    "production",
+                    &[("ratio", number(value))],
+                ))
+                .await;
+            answers.push((value, answer));
+        }
+        answers
+    });
+    let mut others = Vec::new();
+    for agent in [
+        "agent-0", "agent-1", "agent-2", "agent-3", "agent-4", "agent-5",
+    ] {
+        let mut gate = server.gate(&Caller::agent(agent)).await;
+        others.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for _ in 0..40 {
+                codes.push(
+                    gate.check_action(check("storage.object.read", "production", &[]))
+                        .await
+                        .map(|r| r.into_inner().status())
+                        .map_err(|e| (e.code(), e.message().to_owned())),
+                );
+            }
+            codes
+        }));
+    }
+    for other in others {
+        for answer in other.await.expect("agent task") {
+            assert_eq!(answer, Ok(ActionStatus::Allowed));
+        }
+    }
+
+    // The awkward doubles themselves are recorded exactly as sent.
+    let mut review = server.review(&Caller::human("auditor", "auditors")).await;
+    for (value, answer) in poison.await.expect("poisoner task") {
+        let response = answer.expect("a finite double is accepted").into_inner();
+        let record = review
+            .get_action(proto::GetActionRequest {
+                action_id: response.action_id,
+            })
+            .await
+            .expect("get action")
+            .into_inner()
+            .action
+            .expect("record");
+        let stored = record
+            .action
+            .and_then(|a| a.parameters)
+            .and_then(|p| p.fields.get("ratio").cloned())
+            .and_then(|v| v.kind);
+        match stored {
+            Some(prost_types::value::Kind::NumberValue(n)) => {
+                assert_eq!(n.to_bits(), value.to_bits(), "{value} came back as {n}")
+            }
+            other => panic!("ratio came back as {other:?}"),
+        }
+    }
+}

@@ -111,6 +111,7 @@ impl ActionGate for ActionGateApi {
         if !action.idempotency_key.is_empty()
             && let Some(existing) = ledger
                 .by_idempotency_key(&principal.id, &action.idempotency_key)
+                .await
                 .map_err(status::ledger)?
         {
             if existing.action_digest != digest {
@@ -220,6 +221,7 @@ impl ActionGate for ActionGateApi {
                 .core
                 .ledger
                 .action(&id)
+                .await
                 .and_then(|record| record.ok_or(LedgerError::NotFound(id))),
         }
         .map_err(status::ledger)?;

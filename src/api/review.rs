@@ -87,6 +87,7 @@ impl ReviewService for ReviewApi {
             .core
             .ledger
             .action(&id)
+            .await
             .map_err(status::ledger)?
             .ok_or_else(|| Status::not_found(format!("no action with id {id}")))?;
         if record.requester.id != principal.id && !grants.reads_all_actions() {
@@ -129,13 +130,12 @@ impl ReviewService for ReviewApi {
             requester_id: requester,
             action_type: body.action_type,
         };
-        // Settled actions no longer in memory are read from the log: off the runtime.
-        let ledger = self.core.ledger.clone();
-        let (records, more) =
-            tokio::task::spawn_blocking(move || ledger.list_actions(&filter, before, page_size))
-                .await
-                .map_err(|_| Status::internal("listing the actions was interrupted"))?
-                .map_err(status::ledger)?;
+        let (records, more) = self
+            .core
+            .ledger
+            .list_actions(filter, before, page_size)
+            .await
+            .map_err(status::ledger)?;
         Ok(Response::new(proto::ListActionsResponse {
             next_page_token: match (more, records.last()) {
                 (true, Some(last)) => last.id.to_string(),

@@ -185,7 +185,7 @@ impl ReviewerStream {
             ) else {
                 continue;
             };
-            let record = match self.core.ledger.action(&action_id) {
+            let record = match self.core.ledger.action(&action_id).await {
                 Ok(Some(record)) => record,
                 Ok(None) => continue,
                 Err(_) => {

@@ -16,6 +16,7 @@ pub fn invalid(violation: FieldViolation) -> Status {
 pub fn ledger(error: LedgerError) -> Status {
     match &error {
         LedgerError::IdempotencyConflict { .. } => Status::already_exists(error.to_string()),
+        LedgerError::Unrecordable(_) => Status::invalid_argument(error.to_string()),
         LedgerError::IntegrityFailure(_) => Status::failed_precondition(error.to_string()),
         LedgerError::NotFound(_) => Status::not_found(error.to_string()),
         LedgerError::Refused(Refusal::PermissionDenied(why)) => Status::permission_denied(why),

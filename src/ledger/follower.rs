@@ -76,12 +76,13 @@ pub trait Consumer<S>: Send + Sync + 'static {
     /// stands for are passed over: the cursor moves past them with the next item, or at the
     /// end of the batch. `Err` when the item cannot be built now (its action's record
     /// cannot be read back): it is reported, and the follower reads again from its cursor
-    /// after a pause, so nothing is skipped.
+    /// after a pause, so nothing is skipped. Async because building may read a record back
+    /// from the log, which must not block the runtime.
     fn next_item(
         &mut self,
         source: &S,
         events: &[StoredEvent],
-    ) -> Result<Option<(usize, Self::Item)>, String>;
+    ) -> impl Future<Output = Result<Option<(usize, Self::Item)>, String>> + Send;
 
     /// One attempt to hand `item` over; `Ok` once the receiver accepted it.
     fn hand_over(&self, item: &Self::Item) -> impl Future<Output = Result<(), Self::Error>> + Send;
@@ -259,7 +260,7 @@ impl<S: Source, C: Consumer<S>> Follower<S, C> {
             let last = events.last().map_or(cursor, |e| e.sequence);
             let mut rest = events.as_slice();
             loop {
-                let (end, item) = match self.consumer.next_item(&self.source, rest) {
+                let (end, item) = match self.consumer.next_item(&self.source, rest).await {
                     Ok(Some(next)) => next,
                     Ok(None) => break,
                     Err(problem) => {

@@ -24,6 +24,9 @@ pub mod follower;
 mod waiters;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -119,6 +122,10 @@ pub enum LedgerError {
         "the event log failed verification ({0}); countersign refuses new actions until an operator investigates (see AuditService.VerifyLog)"
     )]
     IntegrityFailure(String),
+    #[error(
+        "this request cannot be recorded exactly as given ({0}); nothing was recorded and the action is not allowed"
+    )]
+    Unrecordable(String),
     #[error("idempotency key already used by this caller for a different action ({existing})")]
     IdempotencyConflict { existing: Uuid },
     #[error("no action with id {0}")]
@@ -613,76 +620,88 @@ impl Ledger {
     /// Waits until the action is final or `wait` elapses, then returns its record. No
     /// thread or polling per waiter: a waiter is one watch receiver, woken by the writer.
     pub async fn await_final(&self, id: Uuid, wait: Duration) -> Result<ActionRecord, LedgerError> {
-        let mut status = {
+        enum Found {
+            Pending(watch::Receiver<ActionStatus>),
+            Settled(Box<ActionRecord>),
+            /// Cold records are settled; read back once the state's lock is released.
+            Cold(Vec<u64>),
+        }
+        let found = {
             // Subscribing under the read lock: the writer publishes a new status only after
             // taking the write lock, so no change can slip between the read and the wait.
             let state = self.state.read();
             match state.lookup(&id).ok_or(LedgerError::NotFound(id))? {
                 Lookup::Hot(record) if !record.status.is_final() => {
-                    self.waiters.subscribe(id, record.status)
+                    Found::Pending(self.waiters.subscribe(id, record.status))
                 }
-                Lookup::Hot(record) => return Ok(record.clone()),
-                // Cold records are settled.
-                Lookup::Cold(sequences) => {
-                    let sequences = sequences.to_vec();
-                    drop(state);
-                    return self.load(id, &sequences);
-                }
+                Lookup::Hot(record) => Found::Settled(Box::new(record.clone())),
+                Lookup::Cold(sequences) => Found::Cold(sequences.to_vec()),
             }
         };
+        let mut status = match found {
+            Found::Pending(status) => status,
+            Found::Settled(record) => return Ok(*record),
+            Found::Cold(sequences) => return self.cold_reader().load(id, sequences).await,
+        };
         let _ = tokio::time::timeout(wait, status.wait_for(|s| s.is_final())).await;
-        self.action(&id)?.ok_or(LedgerError::NotFound(id))
+        self.action(&id).await?.ok_or(LedgerError::NotFound(id))
     }
 
     /// The action's record as it is now: from memory, or rebuilt from the log for a
-    /// settled action no longer held there (a few point reads).
-    pub fn action(&self, id: &Uuid) -> Result<Option<ActionRecord>, LedgerError> {
+    /// settled action no longer held there (a few point reads, off the async runtime).
+    pub async fn action(&self, id: &Uuid) -> Result<Option<ActionRecord>, LedgerError> {
         let sequences = match self.state.read().lookup(id) {
             None => return Ok(None),
             Some(Lookup::Hot(record)) => return Ok(Some(record.clone())),
             Some(Lookup::Cold(sequences)) => sequences.to_vec(),
         };
-        self.load(*id, &sequences).map(Some)
-    }
-
-    /// [`load_record`], once the whole chain has been verified (waiting for it after a start
-    /// from a checkpoint); a log found damaged makes the ledger refuse writes, as at start-up.
-    fn load(&self, id: Uuid, sequences: &[u64]) -> Result<ActionRecord, LedgerError> {
-        self.chain.finished(CHAIN_WAIT)?;
-        load_record(&self.log, id, sequences).inspect_err(|e| self.health.noticed(e))
+        self.cold_reader().load(*id, sequences).await.map(Some)
     }
 
     /// The action a requester's idempotency key names, if any.
-    pub fn by_idempotency_key(
+    pub async fn by_idempotency_key(
         &self,
         requester_id: &str,
         key: &str,
     ) -> Result<Option<ActionRecord>, LedgerError> {
         let id = self.state.read().by_idempotency_key(requester_id, key);
         match id {
-            Some(id) => self.action(&id),
+            Some(id) => self.action(&id).await,
             None => Ok(None),
         }
     }
 
     /// One page of ListActions: up to `limit` matching actions, newest first, strictly
-    /// older than `before`; and whether more match. Reads the log for actions no longer in
-    /// memory, so call it off the async runtime for large pages.
-    pub fn list_actions(
+    /// older than `before`; and whether more match. Filtering and reading back actions no
+    /// longer in memory both happen off the async runtime.
+    pub async fn list_actions(
         &self,
-        filter: &ListFilter,
+        filter: ListFilter,
         before: Option<Uuid>,
         limit: usize,
     ) -> Result<(Vec<ActionRecord>, bool), LedgerError> {
-        let (listed, more) = self.state.read().list(filter, before, limit);
-        let records = listed
-            .into_iter()
-            .map(|listed| match listed {
-                Listed::Hot(record) => Ok(*record),
-                Listed::Cold { id, sequences } => self.load(id, &sequences),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((records, more))
+        let state = self.state.clone();
+        let reader = self.cold_reader();
+        off_runtime(move || {
+            let (listed, more) = state.read().list(&filter, before, limit);
+            let records = listed
+                .into_iter()
+                .map(|listed| match listed {
+                    Listed::Hot(record) => Ok(*record),
+                    Listed::Cold { id, sequences } => reader.load_blocking(id, &sequences),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((records, more))
+        })
+        .await
+    }
+
+    fn cold_reader(&self) -> ColdReader {
+        ColdReader {
+            log: self.log.clone(),
+            chain: self.chain.clone(),
+            health: self.health.clone(),
+        }
     }
 
     /// Committed batches from now on. Together with [`Actions::applied_sequence`] read
@@ -748,6 +767,38 @@ impl Drop for Ledger {
             tracing::error!(error = %e, "final flush of the event log failed");
         }
     }
+}
+
+/// Reads settled actions' records back from the log. Such a read blocks: on the disk, and
+/// after a start from a checkpoint on the chain's verification (up to [`CHAIN_WAIT`]); with
+/// two runtime workers, two such reads on them would stall every RPC. So the public reads
+/// are `async` and run it through [`off_runtime`].
+struct ColdReader {
+    log: Arc<EventLog>,
+    chain: Arc<ChainGate>,
+    health: Arc<Health>,
+}
+
+impl ColdReader {
+    async fn load(self, id: Uuid, sequences: Vec<u64>) -> Result<ActionRecord, LedgerError> {
+        off_runtime(move || self.load_blocking(id, &sequences)).await
+    }
+
+    /// [`load_record`], once the whole chain has been verified (waiting for it after a start
+    /// from a checkpoint); a log found damaged makes the ledger refuse writes, as at start-up.
+    fn load_blocking(&self, id: Uuid, sequences: &[u64]) -> Result<ActionRecord, LedgerError> {
+        self.chain.finished(CHAIN_WAIT)?;
+        load_record(&self.log, id, sequences).inspect_err(|e| self.health.noticed(e))
+    }
+}
+
+/// Runs blocking reads on tokio's blocking pool.
+async fn off_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, LedgerError> + Send + 'static,
+) -> Result<T, LedgerError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| LedgerError::ReadFailed(format!("the read was cut short: {e}")))?
 }
 
 /// Rebuilds an action's record from its events in the log: a settled action no longer in

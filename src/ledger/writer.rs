@@ -95,13 +95,15 @@ impl Batch {
             let payload = event
                 .to_payload()
                 .map_err(|e| LedgerError::WriteFailed(format!("event does not encode: {e}")))?;
-            encoded.push(NewEvent {
+            let new_event = NewEvent {
                 kind: event.kind().to_string(),
                 time,
                 actor: actor.clone(),
                 action_id: Some(action_id),
                 payload,
-            });
+            };
+            unstorable(&new_event)?;
+            encoded.push(new_event);
         }
         for (_, event) in events {
             let at = EventContext {
@@ -193,6 +195,10 @@ impl Writer {
                     Err(e) => drop(reply.send(Err(e))),
                 },
                 Command::Record { events, reply } => {
+                    if let Err(e) = events.iter().try_for_each(unstorable) {
+                        drop(reply.send(Err(e)));
+                        continue;
+                    }
                     let last_sequence = batch.push_unfolded(events);
                     batch.replies.push(Reply::Record {
                         reply,
@@ -424,6 +430,15 @@ impl Writer {
             }
         }
     }
+}
+
+/// Refuses one caller's event that the log could not store as given, before it joins a
+/// batch: in the batch it would fail every other caller's events with it.
+fn unstorable(event: &NewEvent) -> Result<(), LedgerError> {
+    event.check_storable().map_err(|problem| {
+        tracing::warn!(kind = %event.kind, %problem, "refused an event the log cannot store as given");
+        LedgerError::Unrecordable(problem)
+    })
 }
 
 /// Tells the observer which statuses the batch's events gave their actions.

@@ -80,13 +80,13 @@ impl<C: Channel> Consumer<Ledger> for Deliveries<C> {
     type Item = Notification;
     type Error = DeliveryError;
 
-    fn next_item(
+    async fn next_item(
         &mut self,
         ledger: &Ledger,
         events: &[StoredEvent],
     ) -> Result<Option<(usize, Notification)>, String> {
         for (index, stored) in events.iter().enumerate() {
-            if let Some(notification) = notification(ledger, stored)? {
+            if let Some(notification) = notification(ledger, stored).await? {
                 return Ok(Some((index, notification)));
             }
         }
@@ -103,11 +103,14 @@ impl<C: Channel> Consumer<Ledger> for Deliveries<C> {
 
 /// The notification `stored` stands for, with its action's record as it is now. `Err`
 /// when the record cannot be read back from the log (tried again later).
-fn notification(ledger: &Ledger, stored: &StoredEvent) -> Result<Option<Notification>, String> {
+async fn notification(
+    ledger: &Ledger,
+    stored: &StoredEvent,
+) -> Result<Option<Notification>, String> {
     let Some(trigger) = trigger(stored) else {
         return Ok(None);
     };
-    let record = match ledger.action(&trigger.action_id) {
+    let record = match ledger.action(&trigger.action_id).await {
         Ok(Some(record)) => record,
         Ok(None) => {
             tracing::error!(sequence = stored.sequence, action_id = %trigger.action_id, "an event names an unknown action; not notified");

@@ -248,7 +248,7 @@ impl Interactivity {
             ),
             (Ok(_), Some((action_id, digest))) => {
                 let record = match self.ledger.upgrade() {
-                    Some(ledger) => ledger.action(&action_id),
+                    Some(ledger) => ledger.action(&action_id).await,
                     None => Err(LedgerError::Stopped),
                 };
                 match record {

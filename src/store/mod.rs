@@ -108,6 +108,14 @@ pub struct NewEvent {
     pub payload: serde_json::Value,
 }
 
+impl NewEvent {
+    /// Whether [`EventLog::append`] can store this event as given. An event it cannot store
+    /// fails its whole batch, so the writer checks each caller's events on their own first.
+    pub fn check_storable(&self) -> Result<(), String> {
+        codec::check_storable(self)
+    }
+}
+
 /// An event as stored, with its place in the chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {

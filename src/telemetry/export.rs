@@ -158,12 +158,13 @@ impl Consumer<Ledger> for SpanSink {
     type Item = Vec<SpanData>;
     type Error = OTelSdkError;
 
-    fn next_item(
+    async fn next_item(
         &mut self,
         ledger: &Ledger,
         events: &[StoredEvent],
     ) -> Result<Option<(usize, Vec<SpanData>)>, String> {
-        let batch: Vec<SpanData> = build_spans(ledger, events)?
+        let batch: Vec<SpanData> = build_spans(ledger, events)
+            .await?
             .into_iter()
             .map(|span| span_data(span, &self.scope))
             .collect();
@@ -180,7 +181,7 @@ impl Consumer<Ledger> for SpanSink {
 
 /// The spans the events close, built against the current state of their actions. `Err`
 /// when an action's record cannot be read back from the log (tried again later).
-fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Result<Vec<SpanModel>, String> {
+async fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Result<Vec<SpanModel>, String> {
     let mut spans = Vec::new();
     for stored in events {
         let Some(action_id) = stored.action_id else {
@@ -194,7 +195,7 @@ fn build_spans(ledger: &Ledger, events: &[StoredEvent]) -> Result<Vec<SpanModel>
                 continue;
             }
         };
-        let record = match ledger.action(&action_id) {
+        let record = match ledger.action(&action_id).await {
             Ok(Some(record)) => record,
             Ok(None) => {
                 tracing::error!(sequence = stored.sequence, %action_id, "an event names an unknown action; no span for it");

@@ -133,7 +133,7 @@ impl Consumer<MemorySource> for TestConsumer {
     type Item = Vec<u64>;
     type Error = String;
 
-    fn next_item(
+    async fn next_item(
         &mut self,
         _source: &MemorySource,
         events: &[StoredEvent],
