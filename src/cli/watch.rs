@@ -295,11 +295,18 @@ struct Backoff {
 
 impl Backoff {
     fn next(&mut self) -> Duration {
-        let doubled = BACKOFF_START.saturating_mul(2u32.saturating_pow(self.failures));
+        let base = self.base();
         self.failures = self.failures.saturating_add(1);
-        let base = doubled.min(BACKOFF_MAX);
         // Up to a quarter more, so reviewers cut off together do not return in lockstep.
         base + base.mul_f64(jitter() / 4.0)
+    }
+
+    /// The next wait before its jitter: doubling from `BACKOFF_START` with each failure,
+    /// capped at `BACKOFF_MAX`.
+    fn base(&self) -> Duration {
+        BACKOFF_START
+            .saturating_mul(2u32.saturating_pow(self.failures))
+            .min(BACKOFF_MAX)
     }
 
     fn reset(&mut self) {
@@ -478,14 +485,20 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_to_a_cap_and_resets() {
+    fn backoff_doubles_to_a_cap_and_resets() {
         let mut backoff = Backoff::default();
-        let first = backoff.next();
-        assert!(first >= BACKOFF_START && first < BACKOFF_START * 2);
+        let mut expected = BACKOFF_START;
         for _ in 0..20 {
-            assert!(backoff.next() <= BACKOFF_MAX + BACKOFF_MAX / 4);
+            assert_eq!(backoff.base(), expected);
+            let wait = backoff.next();
+            assert!(
+                wait >= expected && wait <= expected + expected / 4,
+                "{wait:?} is not {expected:?} plus at most a quarter"
+            );
+            expected = (expected * 2).min(BACKOFF_MAX);
         }
+        assert_eq!(backoff.base(), BACKOFF_MAX, "twenty failures reach the cap");
         backoff.reset();
-        assert!(backoff.next() < BACKOFF_START * 2);
+        assert_eq!(backoff.base(), BACKOFF_START);
     }
 }
