@@ -15,7 +15,7 @@ use countersign::tls::trial;
 
 /// mimalloc instead of the system allocator: a CheckAction allocates hundreds of small
 /// objects across threads (request, JSON, events, record, answer), and glibc's malloc and
-/// free were a fifth of the server's CPU time under load (see README, Performance).
+/// free were a fifth of the server's CPU time under load (see docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
