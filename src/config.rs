@@ -570,6 +570,22 @@ mod tests {
     }
 
     #[test]
+    fn write_budgets_default_on_and_are_set_or_turned_off_in_limits_rate() {
+        assert_eq!(resolved("").unwrap().rate_limits, RateLimits::default());
+        let set = resolved(
+            "[limits.rate]\nreview_per_second = 5\nreview_burst = 10\ngate_per_second = 0",
+        )
+        .unwrap()
+        .rate_limits;
+        assert_eq!((set.review.per_second, set.review.burst), (5.0, 10));
+        assert_eq!(set.gate.per_second, 0.0);
+        assert_eq!(set.admin, RateLimits::default().admin);
+        let err = resolved("[limits.rate]\nadmin_burst = 0").unwrap_err();
+        assert!(err.to_string().contains("limits.rate.admin_burst"), "{err}");
+        assert!(toml::from_str::<ConfigFile>("[limits.rate]\nreviews_per_second = 5").is_err());
+    }
+
+    #[test]
     fn settled_records_in_memory_are_bounded() {
         assert_eq!(
             resolved("").unwrap().settled_in_memory,

@@ -179,7 +179,11 @@ impl Writer {
     /// Decides, appends and publishes one batch; with `closing`, the summaries of the
     /// refusal windows closed for good (shutdown).
     fn commit(&mut self, commands: &mut Vec<Command>, closing: Option<Vec<Summary>>) {
-        if self.health.refuse_writes().is_some() {
+        if let Some(refusal) = self.health.refuse_writes() {
+            let lost: u64 = closing.iter().flatten().map(Summary::count).sum();
+            if lost > 0 {
+                tracing::error!(refusals = lost, error = %refusal, "repeated refusals could not be recorded before stopping");
+            }
             for command in commands.drain(..) {
                 let refusal = || self.health.refuse_writes().unwrap_or(LedgerError::Stopped);
                 match command {
