@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::{JwtConfig, MtlsConfig, RolesConfig, TokenConfig};
+use crate::auth::rate_limit::RateSection;
+use crate::auth::{JwtConfig, MtlsConfig, RateLimits, RolesConfig, TokenConfig};
 use crate::notify::config::{NotifySettings, SlackSection, TeamsSection, WebhookSection};
 use crate::telemetry::LogFormat;
 use crate::telemetry::export::ExportSettings;
@@ -49,6 +50,8 @@ pub struct ServerConfig {
     pub reviewer_stall_timeout: Duration,
     /// Settled action records kept in full in memory; older ones are read from the log.
     pub settled_in_memory: usize,
+    /// Per-principal budgets of the calls that write (`[limits.rate]`).
+    pub rate_limits: RateLimits,
     /// Events between checkpoints of the action state; 0: no checkpoints.
     pub checkpoint_every: u64,
     /// Verify the whole event log before serving rather than right after.
@@ -126,6 +129,7 @@ impl ServerConfig {
             max_await: DEFAULT_MAX_AWAIT,
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
             settled_in_memory: crate::ledger::DEFAULT_SETTLED_IN_MEMORY,
+            rate_limits: RateLimits::default(),
             checkpoint_every: crate::ledger::DEFAULT_CHECKPOINT_EVERY,
             verify_before_serving: false,
             auth: AuthSettings::Development,
@@ -262,6 +266,9 @@ pub struct LimitsSection {
     pub reviewer_stall_timeout: Option<String>,
     /// Settled action records kept in full in memory (pending ones always are).
     pub settled_in_memory: Option<usize>,
+    /// `[limits.rate]`: per-principal budgets of the calls that write.
+    #[serde(default)]
+    pub rate: RateSection,
 }
 
 impl ConfigFile {
@@ -374,6 +381,15 @@ pub fn resolve(
             }
             config.settled_in_memory = v;
         }
+        config.rate_limits =
+            file.limits
+                .rate
+                .resolve()
+                .map_err(|(field, problem)| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field,
+                    problem,
+                })?;
         if let Some(v) = file.event_log.checkpoint_every_events {
             if v != 0 && v < MIN_CHECKPOINT_EVERY {
                 return Err(ConfigError::Invalid {
@@ -551,6 +567,22 @@ mod tests {
             "{err}"
         );
         assert!(toml::from_str::<ConfigFile>("[event_log]\ncheckpoints = 5").is_err());
+    }
+
+    #[test]
+    fn write_budgets_default_on_and_are_set_or_turned_off_in_limits_rate() {
+        assert_eq!(resolved("").unwrap().rate_limits, RateLimits::default());
+        let set = resolved(
+            "[limits.rate]\nreview_per_second = 5\nreview_burst = 10\ngate_per_second = 0",
+        )
+        .unwrap()
+        .rate_limits;
+        assert_eq!((set.review.per_second, set.review.burst), (5.0, 10));
+        assert_eq!(set.gate.per_second, 0.0);
+        assert_eq!(set.admin, RateLimits::default().admin);
+        let err = resolved("[limits.rate]\nadmin_burst = 0").unwrap_err();
+        assert!(err.to_string().contains("limits.rate.admin_burst"), "{err}");
+        assert!(toml::from_str::<ConfigFile>("[limits.rate]\nreviews_per_second = 5").is_err());
     }
 
     #[test]

@@ -25,7 +25,8 @@ use tower::Layer as _;
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
 use crate::auth::{
     AuthConfigError, Authenticator, CredentialChain, DevelopmentIdentity, GuardLayer,
-    JwtAuthenticator, MtlsAuthenticator, Roles, StaticTokenAuthenticator, start_denial_recorder,
+    JwtAuthenticator, MtlsAuthenticator, RateLimiter, Roles, StaticTokenAuthenticator,
+    start_denial_recorder,
 };
 use crate::config::{AuthSettings, ServerConfig};
 use crate::error_chain;
@@ -319,7 +320,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .await?;
     let telemetry = start_telemetry(&config, &core, &notify).await?;
     let metrics_addr = telemetry.metrics_addr;
-    let guard = GuardLayer::new(authenticator, roles, denials);
+    let limiter = RateLimiter::new(
+        config.rate_limits,
+        Some(telemetry.metrics.clone() as Arc<dyn crate::auth::LimitObserver>),
+    );
+    let guard = GuardLayer::new(authenticator, roles, denials).with_rate_limiter(Arc::new(limiter));
     let max = config.max_message_bytes;
     let action_gate =
         ActionGateServer::new(ActionGateApi::new(core.clone())).max_decoding_message_size(max);
@@ -391,6 +396,8 @@ struct Telemetry {
     /// Flushed and shut down when the server stops, so the last metrics are pushed.
     meter_provider: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
     metrics_addr: Option<SocketAddr>,
+    /// Also told of calls refused for their rate budget.
+    metrics: Arc<Metrics>,
 }
 
 /// Metrics (Prometheus on `metrics_listen`, OTLP when configured) and the span exporter.
@@ -436,6 +443,7 @@ async fn start_telemetry(
             let ledger = Arc::downgrade(&core.ledger);
             let policies = core.policies.clone();
             let sampled = metrics.clone();
+            let serving = metrics.clone();
             let exporting = export.clone();
             let notifying = notify.progress.clone();
             let status: StatusFn = Arc::new(move || {
@@ -449,7 +457,7 @@ async fn start_telemetry(
             });
             tokio::spawn(crate::telemetry::http::serve(
                 listener,
-                metrics,
+                serving,
                 status,
                 core.stopping.clone(),
             ));
@@ -460,6 +468,7 @@ async fn start_telemetry(
     Ok(Telemetry {
         meter_provider,
         metrics_addr,
+        metrics,
     })
 }
 

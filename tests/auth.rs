@@ -651,3 +651,85 @@ async fn only_trusted_agents_may_assert_whom_they_act_for_and_it_is_recorded_as_
         "{status:?}"
     );
 }
+
+/// Each call over the budget is answered RESOURCE_EXHAUSTED and none of them costs an
+/// event of its own; another principal keeps its own budget.
+#[tokio::test]
+async fn a_principal_over_its_write_budget_is_resource_exhausted_and_others_are_not() {
+    use common::Caller;
+    use tonic_types::StatusExt as _;
+    let mut server = TestServer::start().await;
+    let id = server
+        .gate(&Caller::human("dave", "security"))
+        .await
+        .check_action(admin_grant())
+        .await
+        .expect("check")
+        .into_inner()
+        .action_id;
+    // Dave approving his own action, 300 times at once: the default review budget is
+    // bursts of 100, 20 a second.
+    let dave = server.review(&Caller::human("dave", "security")).await;
+    let mut votes = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let mut dave = dave.clone();
+        let vote = approve(&id);
+        votes.spawn(async move { dave.submit_review(vote).await.unwrap_err() });
+    }
+    let (mut refused, mut exhausted) = (0u64, 0u64);
+    while let Some(status) = votes.join_next().await {
+        let status = status.unwrap();
+        match status.code() {
+            Code::PermissionDenied => refused += 1,
+            Code::ResourceExhausted => {
+                exhausted += 1;
+                let message = status.message();
+                assert!(message.contains("review budget"), "{message}");
+                assert!(message.contains("retry in"), "{message}");
+                let retry = status.get_details_retry_info().expect("RetryInfo");
+                assert!(retry.retry_delay.is_some());
+            }
+            other => panic!("{other:?}: {}", status.message()),
+        }
+    }
+    assert!(exhausted >= 100, "{exhausted} of 300 over budget");
+    assert_eq!(refused + exhausted, 300);
+
+    // Carol's vote goes through: Dave's budget is Dave's.
+    let carol = server
+        .review(&Caller::human("carol", "security"))
+        .await
+        .submit_review(approve(&id))
+        .await
+        .expect("another principal is not limited");
+    assert_eq!(carol.into_inner().action.unwrap().votes.len(), 1);
+
+    // The calls over budget are counted, not written one by one: after the stop, at most
+    // one event at once and one summary, and their counts add up.
+    server.restart().await;
+    let events = common::read_events(&server, "").await;
+    let over_budget: Vec<Value> = events
+        .iter()
+        .filter(|e| e.kind == "access.denied")
+        .map(|e| serde_json::from_str::<Value>(&e.payload_json).unwrap())
+        .filter(|p| p["status"] == "resource_exhausted")
+        .collect();
+    assert!(over_budget.len() <= 2, "{over_budget:#?}");
+    let counted: u64 = over_budget
+        .iter()
+        .map(|p| p["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, exhausted);
+    assert_eq!(over_budget[0]["principal"]["id"], "dave");
+    let review_refused: Vec<Value> = events
+        .iter()
+        .filter(|e| e.kind == "review.refused")
+        .map(|e| serde_json::from_str::<Value>(&e.payload_json).unwrap())
+        .collect();
+    assert!(review_refused.len() <= 2, "{review_refused:#?}");
+    let counted: u64 = review_refused
+        .iter()
+        .map(|p| p["repeats"]["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(counted, refused);
+}

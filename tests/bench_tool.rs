@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::TestServer;
 use countersign::auth::{TokenConfig, TokenEntry, token_hash};
-use countersign::bench::{LoadReport, ReviewLoopReport};
+use countersign::bench::{LoadReport, RefusalFloodReport, ReviewLoopReport};
 use countersign::config::AuthSettings;
 use countersign::domain::PrincipalKind;
 
@@ -299,4 +299,33 @@ async fn fill_log_writes_a_log_the_server_starts_on() {
     assert_eq!(whole["events_replayed"], serde_json::json!([401]));
     assert_eq!(whole["actions"], 200);
     assert!(Path::new(data).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refusal_flood_reports_the_answers_and_what_the_log_grew_by() {
+    let server = TestServer::start().await;
+    let url = server_url(&server);
+    let report: RefusalFloodReport = bench_json(args(&[
+        "refusal-flood",
+        "--server",
+        &url,
+        "--refusals",
+        "60",
+        "--in-flight",
+        "4",
+    ]))
+    .await;
+    assert_eq!(report.refusals_sent, 60);
+    assert_eq!(
+        report.answers.get("PermissionDenied"),
+        Some(&60),
+        "{:?}",
+        report.answers
+    );
+    // The first refusal at once; the other 59 wait in their window for a summary.
+    assert_eq!(report.events_by_kind.get("review.refused"), Some(&1));
+    assert_eq!(report.refusals_recorded, 1);
+    assert_eq!(report.events_written, 1, "{:?}", report.events_by_kind);
+    assert!(report.bytes_written > 0 && report.bytes_written < 2048);
+    assert_eq!(report.head_after, report.head_before + 1);
 }

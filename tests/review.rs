@@ -4,7 +4,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Caller, Gate, TestServer, access_denials, check, next_message, read_events, string};
+use common::{
+    Caller, Gate, TestServer, access_denials, check, next_message, read_events, shipped_policies,
+    string,
+};
 use countersign::proto::stream_pending_response::Event as StreamEvent;
 use countersign::proto::{self, ActionStatus, Outcome, RiskLevel, Verdict};
 use tonic::Code;
@@ -219,16 +222,16 @@ async fn self_review_and_other_forbidden_reviews_are_refused_and_recorded() {
         .iter()
         .filter(|e| e.kind == "review.refused")
         .collect();
-    assert_eq!(refused.len(), 4, "every refused review is in the log");
+    assert_eq!(
+        refused.len(),
+        5,
+        "every refused review is in the action's log"
+    );
     assert_eq!(refused[0].actor, "dave");
     assert!(refused[0].payload_json.contains("requested this action"));
-    // The agent was turned away before its review was read: an access denial.
-    let denials = access_denials(&server, 1).await;
-    assert_eq!(denials.len(), 1, "{denials:?}");
-    assert_eq!(denials[0].actor, "helper-bot");
-    let denial: serde_json::Value = serde_json::from_str(&denials[0].payload_json).unwrap();
-    assert_eq!(denial["status"], "permission_denied");
-    assert_eq!(denial["rpc"], "/countersign.v1.ReviewService/SubmitReview");
+    // The agent's vote too, on the action it targeted, not as an access denial.
+    assert_eq!(refused[3].actor, "helper-bot");
+    assert!(refused[3].payload_json.contains("only humans review"));
 
     let record = bob
         .get_action(proto::GetActionRequest {
@@ -1086,4 +1089,167 @@ async fn reviewers_see_who_resolved_an_action_and_why() {
     assert_eq!(resolved.decided_by, ["bob"]);
     assert_eq!(resolved.reason, "eve left the company");
     assert!(resolved.decided_at.is_some());
+}
+
+/// A human's own pending action, which it then tries to approve itself.
+async fn own_pending_grant(server: &TestServer) -> String {
+    server
+        .gate(&Caller::human("dave", "security"))
+        .await
+        .check_action(admin_grant("dave@example.com"))
+        .await
+        .unwrap()
+        .into_inner()
+        .action_id
+}
+
+fn payload(event: &proto::Event) -> serde_json::Value {
+    serde_json::from_str(&event.payload_json).unwrap()
+}
+
+#[tokio::test]
+async fn a_flood_of_self_approvals_writes_one_event_at_once_and_one_summary_of_the_rest() {
+    // Within the default review budget (bursts of 100): the log must bound it by itself.
+    const VOTES: u64 = 100;
+    let mut server = TestServer::start().await;
+    let id = own_pending_grant(&server).await;
+    let head_before = read_events(&server, "").await.len();
+    let mut dave = server.review(&Caller::human("dave", "security")).await;
+    for n in 0..VOTES {
+        let status = dave
+            .submit_review(review(&id, Verdict::Approve, &format!("my own, try {n}")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{}",
+            status.message()
+        );
+    }
+    let refused: Vec<proto::Event> = read_events(&server, &id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "review.refused")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "only the first refusal is written at once"
+    );
+    assert_eq!(payload(&refused[0])["reason"], "my own, try 0");
+    assert!(payload(&refused[0]).get("repeats").is_none());
+
+    // The rest are counted, and recorded as one event when the window closes (or, as here,
+    // when the server stops).
+    server.restart().await;
+    let refused: Vec<proto::Event> = read_events(&server, &id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "review.refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    let summary = payload(&refused[1]);
+    assert_eq!(refused[1].actor, "dave");
+    assert_eq!(summary["repeats"]["count"], VOTES - 1);
+    assert_eq!(summary["reason"], "my own, try 1");
+    assert!(
+        summary["refusal"]
+            .as_str()
+            .unwrap()
+            .contains("requested this action")
+    );
+    // Nothing else was written for them: the summary, the checkpoint of the clean stop.
+    let written = read_events(&server, "").await.len() - head_before;
+    assert!(written <= 4, "{written} events for {VOTES} refusals");
+}
+
+#[tokio::test]
+async fn a_refused_votes_long_reason_is_stored_as_a_prefix_with_its_length_and_digest() {
+    use sha2::Digest as _;
+    let server = TestServer::start().await;
+    let id = own_pending_grant(&server).await;
+    let reason = "x".repeat(4096);
+    let status = server
+        .review(&Caller::human("dave", "security"))
+        .await
+        .submit_review(review(&id, Verdict::Approve, &reason))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let events = read_events(&server, &id).await;
+    let refused = events.iter().find(|e| e.kind == "review.refused").unwrap();
+    assert!(
+        refused.payload_json.len() < 1024,
+        "{}",
+        refused.payload_json
+    );
+    let stored = payload(refused);
+    let kept = stored["reason"].as_str().unwrap();
+    assert!(kept.len() <= 256 && reason.starts_with(kept), "{kept}");
+    assert_eq!(stored["reason_cut"]["bytes"], 4096);
+    assert_eq!(
+        stored["reason_cut"]["sha256"],
+        hex::encode(sha2::Sha256::digest(reason.as_bytes()))
+    );
+}
+
+#[tokio::test]
+async fn votes_from_those_who_may_not_review_are_in_the_actions_history() {
+    let server = TestServer::start_with(shipped_policies(), |config| {
+        config.roles.reviewers = vec!["security".into(), "sre".into()];
+    })
+    .await;
+    let (_, checked) = pending_grant(&server, "bob@example.com").await;
+    let id = checked.action_id.as_str();
+    for (who, expected) in [
+        (Caller::agent("helper-bot"), "only humans review"),
+        (Caller::human("frank", "finance"), "may not review"),
+    ] {
+        let status = server
+            .review(&who)
+            .await
+            .submit_review(review(id, Verdict::Approve, "trust me"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(status.message().contains(expected), "{}", status.message());
+    }
+    let events = read_events(&server, id).await;
+    let refused: Vec<(&str, serde_json::Value)> = events
+        .iter()
+        .filter(|e| e.kind == "review.refused")
+        .map(|e| (e.actor.as_str(), payload(e)))
+        .collect();
+    assert_eq!(refused.len(), 2, "{events:#?}");
+    assert_eq!(refused[0].0, "helper-bot");
+    assert_eq!(refused[0].1["reviewer"]["kind"], "agent");
+    assert!(
+        refused[0].1["refusal"]
+            .as_str()
+            .unwrap()
+            .contains("only humans review")
+    );
+    assert_eq!(refused[1].0, "frank");
+
+    // A vote on no action at all has nothing to be recorded on: an access denial, and the
+    // caller is not told whether the action exists.
+    let status = server
+        .review(&Caller::agent("helper-bot"))
+        .await
+        .submit_review(review(
+            "0190a5f0-0000-7000-8000-000000000000",
+            Verdict::Approve,
+            "x",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let denials = access_denials(&server, 1).await;
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    assert_eq!(denials[0].actor, "helper-bot");
+    assert_eq!(
+        payload(&denials[0])["rpc"],
+        "/countersign.v1.ReviewService/SubmitReview"
+    );
 }

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::review_stream::{self, PendingStream};
 use super::{Core, convert, status, validate};
 use crate::auth;
+use crate::ledger::LedgerError;
 use crate::proto;
 use crate::proto::review_service_server::ReviewService;
 use crate::workflow::ActionCommand;
@@ -42,10 +43,27 @@ impl ReviewService for ReviewApi {
         request: Request<proto::SubmitReviewRequest>,
     ) -> Result<Response<proto::SubmitReviewResponse>, Status> {
         let reviewer = auth::principal(&request)?;
+        // Someone who may not review at all (an agent, a human outside `[roles]
+        // reviewers`) is admitted only to be refused on the action it targeted, so the
+        // attempt is in that action's history. Without the guard's word, not a reviewer.
+        let refused_by_role = (!auth::grants(&request).reviewer).then(|| {
+            auth::role_refusal(&request)
+                .unwrap_or_else(|| format!("{} may not review actions", reviewer.id))
+        });
+        let refuser = auth::Refuser::of(&request);
         let body = request.into_inner();
-        let id = validate::action_id("action_id", &body.action_id).map_err(status::invalid)?;
-        let verdict = validate::verdict(body.verdict).map_err(status::invalid)?;
-        let reason = validate::reason("reason", &body.reason).map_err(status::invalid)?;
+        let parsed = (|| {
+            let id = validate::action_id("action_id", &body.action_id)?;
+            let verdict = validate::verdict(body.verdict)?;
+            let reason = validate::reason("reason", &body.reason)?;
+            Ok((id, verdict, reason))
+        })();
+        let (id, verdict, reason) = match (parsed, &refused_by_role) {
+            (Ok(parsed), _) => parsed,
+            // Nothing to record it on: refused (and recorded) as the edge would have.
+            (Err(_), Some(why)) => return Err(refuser.permission_denied(why.clone())),
+            (Err(violation), None) => return Err(status::invalid(violation)),
+        };
         let expected_digest = (!body.action_digest.is_empty()).then_some(body.action_digest);
         let reviewer_id = reviewer.id.clone();
         let command = ActionCommand::Review {
@@ -53,6 +71,7 @@ impl ReviewService for ReviewApi {
             verdict,
             reason,
             expected_digest,
+            refused_by_role: refused_by_role.clone(),
         };
         let result = self.core.ledger.act(id, command, Utc::now()).await;
         match &result {
@@ -68,7 +87,15 @@ impl ReviewService for ReviewApi {
                 tracing::warn!(action_id = %id, reviewer = %reviewer_id, error = %e, "review refused")
             }
         }
-        let record = result.map_err(status::ledger)?;
+        let record = match (result, refused_by_role) {
+            (Ok(record), _) => record,
+            (Err(e @ LedgerError::Refused(_)), _) | (Err(e), None) => {
+                return Err(status::ledger(e));
+            }
+            // No such action, or it could not be recorded on it: refused (and recorded) as
+            // the edge would have; whether the action exists is not the caller's business.
+            (Err(_), Some(why)) => return Err(refuser.permission_denied(why)),
+        };
         Ok(Response::new(proto::SubmitReviewResponse {
             action: Some(convert::action_record(&record)),
         }))

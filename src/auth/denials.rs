@@ -1,6 +1,7 @@
 //! Refused calls as audit events, without letting a flood of them flood the log.
 //!
-//! Every UNAUTHENTICATED and PERMISSION_DENIED from the edge is reported here. The first
+//! Every UNAUTHENTICATED and PERMISSION_DENIED from the edge is reported here, and every
+//! call refused for its caller's rate budget (RESOURCE_EXHAUSTED, `rate_limit`). The first
 //! refusal of a kind (same status, RPC and subject: the principal, or the peer address
 //! when nobody authenticated) is recorded at once as an `access.denied` event; further ones
 //! within [`WINDOW`] are only counted, and recorded as one summary event when the window
@@ -54,6 +55,8 @@ const MAX_RPC_BYTES: usize = 200;
 pub enum DeniedAs {
     Unauthenticated,
     PermissionDenied,
+    /// Over the caller's rate budget (`auth::rate_limit`).
+    ResourceExhausted,
 }
 
 /// One refused call, as the edge saw it.
@@ -63,7 +66,7 @@ pub struct Denial {
     /// The gRPC path, e.g. `/countersign.v1.AuditService/ReadEvents`.
     pub rpc: String,
     pub peer: Option<IpAddr>,
-    /// Set for PERMISSION_DENIED: who was refused.
+    /// Set for PERMISSION_DENIED and RESOURCE_EXHAUSTED: who was refused.
     pub principal: Option<Principal>,
     /// What the caller was told.
     pub reason: String,
@@ -275,6 +278,7 @@ pub struct DenialReporter {
 struct Uncounted {
     unauthenticated: AtomicU64,
     permission_denied: AtomicU64,
+    resource_exhausted: AtomicU64,
 }
 
 impl Uncounted {
@@ -282,6 +286,7 @@ impl Uncounted {
         match status {
             DeniedAs::Unauthenticated => &self.unauthenticated,
             DeniedAs::PermissionDenied => &self.permission_denied,
+            DeniedAs::ResourceExhausted => &self.resource_exhausted,
         }
     }
 }
@@ -350,24 +355,30 @@ async fn record(
 
 /// Summaries of the refusals that arrived faster than they could be queued.
 fn lost(uncounted: &Uncounted, now: DateTime<Utc>) -> Vec<AccessDenied> {
-    [DeniedAs::Unauthenticated, DeniedAs::PermissionDenied]
-        .into_iter()
-        .filter_map(|status| {
-            let count = uncounted.of(status).swap(0, Ordering::Relaxed);
-            (count > 0).then(|| AccessDenied {
-                status,
-                rpc: OVERFLOW_SUBJECT.to_string(),
-                peer: None,
-                principal: None,
-                subject: OVERFLOW_SUBJECT.to_string(),
-                reason: "refused faster than the refusals could be described; only their number is known".into(),
-                count,
-                first_at: now,
-                last_at: now,
-                aggregated: true,
-            })
+    [
+        DeniedAs::Unauthenticated,
+        DeniedAs::PermissionDenied,
+        DeniedAs::ResourceExhausted,
+    ]
+    .into_iter()
+    .filter_map(|status| {
+        let count = uncounted.of(status).swap(0, Ordering::Relaxed);
+        (count > 0).then(|| AccessDenied {
+            status,
+            rpc: OVERFLOW_SUBJECT.to_string(),
+            peer: None,
+            principal: None,
+            subject: OVERFLOW_SUBJECT.to_string(),
+            reason:
+                "refused faster than the refusals could be described; only their number is known"
+                    .into(),
+            count,
+            first_at: now,
+            last_at: now,
+            aggregated: true,
         })
-        .collect()
+    })
+    .collect()
 }
 
 async fn write(ledger: &Ledger, denials: Vec<AccessDenied>) {

@@ -4,9 +4,13 @@
 //! [`Guard`] wraps each countersign service (health and reflection stay open). It runs the
 //! configured [`Authenticator`] on the call's metadata and connection, checks the RPC's
 //! [`Requirement`](super::roles::Requirement) against the caller's roles, and stores the
-//! [`AuthContext`] and [`Grants`] in the request extensions for the handlers. A refusal is
-//! answered here (UNAUTHENTICATED or PERMISSION_DENIED) and reported to the
-//! [`DenialReporter`], which records it without letting repeats flood the log.
+//! [`AuthContext`] and [`Grants`] in the request extensions for the handlers. A call that
+//! writes first spends its caller's rate budget ([`RateLimiter`]), when one is set. A
+//! refusal is answered here (UNAUTHENTICATED, RESOURCE_EXHAUSTED or PERMISSION_DENIED) and
+//! reported to the [`DenialReporter`], which records it without letting repeats flood the
+//! log. The one exception: a vote from someone who may not review is admitted with a
+//! [`RoleRefusal`], to be refused on the action it targeted (see
+//! [`roles::refused_on_record`](super::roles::refused_on_record)).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,7 +27,8 @@ use tower::{Layer, Service};
 
 use super::context::AuthContext;
 use super::denials::{Denial, DenialReporter, DeniedAs};
-use super::roles::{Grants, Roles};
+use super::rate_limit::{Budget, RateLimiter};
+use super::roles::{self, RoleRefusal, Roles};
 use super::{AuthError, Authenticator};
 
 /// What [`Guard`] needs, shared by every service it wraps.
@@ -32,6 +37,8 @@ pub struct GuardLayer {
     authenticator: Arc<dyn Authenticator>,
     roles: Arc<Roles>,
     denials: DenialReporter,
+    /// Per-principal budgets of the calls that write; `None`: no limits.
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl GuardLayer {
@@ -44,7 +51,14 @@ impl GuardLayer {
             authenticator,
             roles,
             denials,
+            limiter: None,
         }
+    }
+
+    /// Calls that write spend their caller's budget in `limiter` first.
+    pub fn with_rate_limiter(mut self, limiter: Arc<RateLimiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
     }
 }
 
@@ -137,6 +151,17 @@ impl Refuser {
     }
 }
 
+/// RESOURCE_EXHAUSTED for a call over its budget, with a `google.rpc.RetryInfo` saying when
+/// to try again (the message says it too).
+fn resource_exhausted(message: String, retry_after: std::time::Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
+}
+
 /// The span of one RPC, a child of the caller's span when it sent a `traceparent`. At
 /// DEBUG level: exported when an OTLP endpoint is set, shown in logs with
 /// `RUST_LOG=countersign::rpc=debug`, and otherwise disabled, which costs next to nothing.
@@ -190,17 +215,33 @@ impl GuardLayer {
             .authenticator
             .authenticate_context(&call)
             .inspect_err(|e: &AuthError| refuse(DeniedAs::Unauthenticated, None, e.to_string()))?;
-        let grants: Grants = self
-            .roles
-            .authorize(&rpc, &context.principal)
-            .map_err(|reason| {
+        // Before the role: refusals spend the budget too, or they would be free to repeat.
+        if let (Some(limiter), Some(budget)) = (&self.limiter, Budget::of(&rpc))
+            && let Err(limited) =
+                limiter.admit(&context.principal.id, budget, std::time::Instant::now())
+        {
+            let message = limited.message(&context.principal.id);
+            refuse(
+                DeniedAs::ResourceExhausted,
+                Some(context.principal.clone()),
+                message.clone(),
+            );
+            return Err(resource_exhausted(message, limited.retry_after));
+        }
+        let (grants, role_refusal) = match self.roles.authorize(&rpc, &context.principal) {
+            Ok(grants) => (grants, None),
+            Err(reason) if roles::refused_on_record(&rpc) => {
+                (self.roles.grants(&context.principal), Some(reason))
+            }
+            Err(reason) => {
                 refuse(
                     DeniedAs::PermissionDenied,
                     Some(context.principal.clone()),
                     reason.clone(),
                 );
-                Status::permission_denied(reason)
-            })?;
+                return Err(Status::permission_denied(reason));
+            }
+        };
 
         let (metadata, mut extensions, ()) = call.into_parts();
         // Behind an Arc: handlers take a `Refuser` on every call, refused or not.
@@ -213,6 +254,10 @@ impl GuardLayer {
         // Also clears an ActingFor a call without one could otherwise carry.
         context.insert_into(&mut extensions);
         extensions.insert(grants);
+        match role_refusal {
+            Some(reason) => extensions.insert(RoleRefusal(reason)),
+            None => extensions.remove::<RoleRefusal>(),
+        };
         parts.headers = metadata.into_headers();
         parts.extensions = extensions;
         Ok(http::Request::from_parts(parts, body))

@@ -14,6 +14,7 @@ mod development;
 pub mod guard;
 pub mod jwt;
 pub mod mtls;
+pub mod rate_limit;
 pub mod roles;
 pub mod token;
 
@@ -29,7 +30,8 @@ pub use development::{
 pub use guard::{Guard, GuardLayer, Refuser};
 pub use jwt::{JwtAuthenticator, JwtConfig, PublicKeyFile};
 pub use mtls::{IdentityEntry, MtlsAuthenticator, MtlsConfig};
-pub use roles::{Grants, Roles, RolesConfig};
+pub use rate_limit::{Budget, LimitObserver, Rate, RateLimiter, RateLimits};
+pub use roles::{Grants, RoleRefusal, Roles, RolesConfig};
 pub use token::{StaticTokenAuthenticator, TokenConfig, TokenEntry, token_hash};
 
 use crate::domain::Principal;
@@ -81,4 +83,13 @@ pub fn grants<T>(request: &Request<T>) -> Grants {
         .get::<Grants>()
         .copied()
         .unwrap_or_default()
+}
+
+/// Why the caller, admitted to an RPC that refuses on the record it targets
+/// ([`roles::refused_on_record`]), may not make this call; `None` when its role allows it.
+pub fn role_refusal<T>(request: &Request<T>) -> Option<String> {
+    request
+        .extensions()
+        .get::<RoleRefusal>()
+        .map(|refusal| refusal.0.clone())
 }

@@ -89,6 +89,21 @@ pub fn requirement(path: &str) -> Option<Requirement> {
     })
 }
 
+/// Whether a refusal by role of the RPC at `path` is decided on the record the call
+/// targets rather than at the edge: the guard then admits the caller with a
+/// [`RoleRefusal`] attached, and the handler refuses the call on that record, so the
+/// record's history shows the attempt. Only SubmitReview: a vote from someone who may not
+/// review at all (an agent, a human outside `reviewers`) belongs in the history of the
+/// action it targeted, as `review.refused`.
+pub fn refused_on_record(path: &str) -> bool {
+    path == "/countersign.v1.ReviewService/SubmitReview"
+}
+
+/// Why the caller may not make the call it was admitted to (see [`refused_on_record`]),
+/// in words fit for the caller. Put in the request extensions by the guard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleRefusal(pub String);
+
 /// The roles one caller holds, as established by the edge for this call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Grants {

@@ -23,7 +23,10 @@ use super::{BenchError, TargetArgs};
 use crate::proto;
 use crate::proto::action_gate_client::ActionGateClient;
 
-/// The principal the load's agent calls as (development identity).
+/// The principal the load's agents call as (development identity): worker `i` is
+/// `bench-agent-i`, so one run is many agents, each well within the server's per-principal
+/// budget (`[limits.rate]`), as real traffic is. With a token every worker is its one
+/// principal, which the budget then limits.
 const AGENT: &str = "bench-agent";
 /// The human it acts for (development identity asserts it); never a reviewer of these
 /// actions. With a token, no human is named: only the credential may say who it acts for.
@@ -318,8 +321,13 @@ pub fn run(args: &LoadArgs) -> Result<(), BenchError> {
 
 /// Runs the baseline (if asked) and then CheckAction; returns the report.
 pub async fn drive(args: &LoadArgs) -> Result<LoadReport, BenchError> {
-    let identity =
-        Identity::or_token(args.target.token_file.as_deref(), || Identity::agent(AGENT))?;
+    let identity = (0..args.in_flight)
+        .map(|i| {
+            Identity::or_token(args.target.token_file.as_deref(), || {
+                Identity::agent(&format!("{AGENT}-{i}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let channels = identity::connect(&args.target, args.target.connections).await?;
 
     let baseline = if args.baseline {
@@ -350,7 +358,7 @@ pub async fn drive(args: &LoadArgs) -> Result<LoadReport, BenchError> {
 async fn spawn_workers<D: Driver>(
     args: &LoadArgs,
     channels: &[Channel],
-    identity: &Identity,
+    identity: &[Identity],
     tally: &Arc<Mutex<Tally>>,
     window: Window,
     make: impl Fn(InterceptedService<Channel, Identity>) -> D,
@@ -358,7 +366,10 @@ async fn spawn_workers<D: Driver>(
     let mut workers = tokio::task::JoinSet::new();
     for i in 0..args.in_flight as usize {
         let channel = channels[i % channels.len()].clone();
-        let mut driver = make(InterceptedService::new(channel, identity.clone()));
+        let mut driver = make(InterceptedService::new(
+            channel,
+            identity[i % identity.len()].clone(),
+        ));
         let tally = tally.clone();
         let mut rng = Rng(i as u64 ^ 0x5EED);
         workers.spawn(async move {
@@ -456,7 +467,7 @@ impl Driver for CheckDriver {
 async fn run_health(
     args: &LoadArgs,
     channels: &[Channel],
-    identity: &Identity,
+    identity: &[Identity],
 ) -> Result<RunReport, BenchError> {
     let tally = Arc::new(Mutex::new(Tally::new()));
     let window = Window::new(args.warmup, args.duration);
@@ -471,7 +482,7 @@ async fn run_health(
 async fn run_check_action(
     args: &LoadArgs,
     channels: &[Channel],
-    identity: &Identity,
+    identity: &[Identity],
 ) -> Result<RunReport, BenchError> {
     let tally = Arc::new(Mutex::new(Tally::new()));
     let window = Window::new(args.warmup, args.duration);

@@ -10,6 +10,8 @@
 //!   waiter's answer ([`review_loop`]).
 //! - `countersign bench fill-log` and `countersign bench startup`: a large event log made
 //!   through the ledger, and the time `serve` takes to start on it ([`log`]).
+//! - `countersign bench refusal-flood`: one human approving its own action over and over;
+//!   the events and bytes the log grew by ([`refusal_flood`]).
 //!
 //! Nothing here is used by the server; it only talks to it (or, for `fill-log` and
 //! `startup`, opens the same data directory the server would).
@@ -17,6 +19,7 @@
 mod identity;
 mod load;
 mod log;
+mod refusal_flood;
 mod report;
 mod review_loop;
 
@@ -29,6 +32,7 @@ use clap::{Args, Subcommand};
 pub use identity::Identity;
 pub use load::{LoadArgs, Mix, Path as CheckPath};
 pub use log::{FillLogArgs, StartupArgs, sample_check};
+pub use refusal_flood::{RefusalFloodArgs, RefusalFloodReport};
 pub use report::{LatencySummary, LoadReport, ReviewLoopReport, RunReport};
 pub use review_loop::ReviewLoopArgs;
 
@@ -52,6 +56,9 @@ pub enum BenchMode {
     FillLog(FillLogArgs),
     /// Starts the server on a data directory, reports the time until it serves, and stops.
     Startup(StartupArgs),
+    /// One human approves its own pending action over and over; reports the answers and
+    /// the events and bytes the log grew by.
+    RefusalFlood(RefusalFloodArgs),
 }
 
 /// Where the server is and how to reach it. Shared by the modes that talk to a server.
@@ -100,6 +107,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
         Some(BenchMode::ReviewLoop(args)) => review_loop::run(&args),
         Some(BenchMode::FillLog(args)) => log::fill(&args),
         Some(BenchMode::Startup(args)) => log::startup(&args),
+        Some(BenchMode::RefusalFlood(args)) => refusal_flood::run(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -33,7 +33,8 @@ use crate::proto::action_gate_client::ActionGateClient;
 use crate::proto::review_service_client::ReviewServiceClient;
 use crate::proto::stream_pending_response::Event;
 
-/// The waiting agent (development identity).
+/// The waiting agents (development identities `bench-waiter-N`, one per creating task, so
+/// each stays within the per-principal budget of `[limits.rate]`).
 const AGENT: &str = "bench-waiter";
 /// The reviewers' group: the shipped `sensitive-deploy` rule asks `sre`.
 const REVIEWER_GROUP: &str = "sre";
@@ -127,7 +128,13 @@ pub fn run(args: &ReviewLoopArgs) -> Result<(), BenchError> {
 
 /// Runs the whole loop and returns its report.
 pub async fn drive(args: &ReviewLoopArgs) -> Result<ReviewLoopReport, BenchError> {
-    let agent = Identity::or_token(args.target.token_file.as_deref(), || Identity::agent(AGENT))?;
+    let agents = (0..CREATE_CONCURRENCY.min(args.waiters))
+        .map(|t| {
+            Identity::or_token(args.target.token_file.as_deref(), || {
+                Identity::agent(&format!("{AGENT}-{t}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let reviewer = |r: u32| {
         Identity::or_token(args.reviewer_token_file.as_deref(), || {
             Identity::human(&format!("bench-reviewer-{r}"), REVIEWER_GROUP)
@@ -181,19 +188,20 @@ pub async fn drive(args: &ReviewLoopArgs) -> Result<ReviewLoopReport, BenchError
     }
 
     // 2. The pending actions.
-    let ids = create(args, &channels, &agent, &shared).await?;
-    let created = ids.len() as u64;
+    let created_by = create(args, &channels, &agents, &shared).await?;
+    let created = created_by.len() as u64;
 
-    // 3. One waiter per action.
+    // 3. One waiter per action, calling as the agent that created it.
     let registered = Arc::new(AtomicU32::new(0));
     let mut waiters = JoinSet::new();
-    for (i, id) in ids.iter().enumerate() {
+    for (i, (id, agent)) in created_by.iter().enumerate() {
         let client = Gate::new(InterceptedService::new(
             channels[i % channels.len()].clone(),
-            agent.clone(),
+            agents[*agent].clone(),
         ));
         waiters.spawn(wait(client, id.clone(), shared.clone(), registered.clone()));
     }
+    let ids: Vec<String> = created_by.into_iter().map(|(id, _)| id).collect();
     while registered.load(Ordering::Acquire) < ids.len() as u32 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -261,21 +269,23 @@ pub async fn drive(args: &ReviewLoopArgs) -> Result<ReviewLoopReport, BenchError
     })
 }
 
-/// Creates the run's pending actions (a production deploy: one `sre` approval).
+/// Creates the run's pending actions (a production deploy: one `sre` approval), task `t`
+/// as `agents[t]`; returns each action with the index of the agent that created it.
 async fn create(
     args: &ReviewLoopArgs,
     channels: &[Channel],
-    agent: &Identity,
+    agents: &[Identity],
     shared: &Arc<Shared>,
-) -> Result<Vec<String>, BenchError> {
+) -> Result<Vec<(String, usize)>, BenchError> {
     let next = Arc::new(AtomicU32::new(0));
     let ids = Arc::new(Mutex::new(Vec::with_capacity(args.waiters as usize)));
     let mut tasks = JoinSet::new();
     for t in 0..CREATE_CONCURRENCY.min(args.waiters) {
         let mut client = Gate::new(InterceptedService::new(
             channels[t as usize % channels.len()].clone(),
-            agent.clone(),
+            agents[t as usize % agents.len()].clone(),
         ));
+        let agent = t as usize % agents.len();
         let (next, ids, shared, total) = (next.clone(), ids.clone(), shared.clone(), args.waiters);
         let with_token = args.target.token_file.is_some();
         tasks.spawn(async move {
@@ -290,7 +300,7 @@ async fn create(
                     Ok(answer) => {
                         let answer = answer.into_inner();
                         if answer.status() == proto::ActionStatus::Pending {
-                            ids.lock().push(answer.action_id);
+                            ids.lock().push((answer.action_id, agent));
                         } else {
                             shared.error("created_not_pending");
                         }

@@ -18,6 +18,28 @@ use crate::workflow::{ActionCommand, Actions};
 /// Upper bound on one sleep, so a clock step (NTP) delays an expiry by at most this much.
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 
+/// How often the writer is asked to record the summaries of refusal windows that closed
+/// (`workflow::refusals`): a summary lands at most this long after its minute is over.
+const REFUSAL_SWEEP: Duration = Duration::from_secs(5);
+
+/// Asks the writer every [`REFUSAL_SWEEP`] to record the summaries of repeated refusals
+/// whose window has closed. Holds only a weak sender, as [`run`] does, and ends with the
+/// ledger. A full queue skips a sweep: the next one records what this one would have.
+pub(super) async fn sweep_refusals(commands: mpsc::WeakSender<Command>) {
+    let mut ticks = tokio::time::interval(REFUSAL_SWEEP);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(sender) = commands.upgrade() else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Closed(_)) = sender.try_send(Command::Sweep) {
+            return;
+        }
+    }
+}
+
 /// How long to wait before handing over more expiries when the writer's queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(20);
 

@@ -106,6 +106,9 @@ pub trait LedgerObserver: Send + Sync + 'static {
     fn decided(&self, status: ActionStatus, risk: RiskLevel, waited: Option<Duration>);
     /// One group commit was flushed.
     fn flushed(&self, took: Duration, events: usize);
+    /// An audit-only refusal (`review.refused`, `outcome.refused`) was decided: recorded
+    /// at once (`recorded`), or only counted into its window's summary.
+    fn refused(&self, _kind: &'static str, _recorded: bool) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +205,8 @@ enum Command {
         events: Vec<NewEvent>,
         reply: oneshot::Sender<Result<u64, LedgerError>>,
     },
+    /// Record the summaries of repeated refusals whose window has closed.
+    Sweep,
 }
 
 /// What start-up found in the log.
@@ -505,6 +510,8 @@ impl Ledger {
             times,
             checkpoints: checkpointer.as_ref().map(Checkpointer::trigger),
             chain: chain.clone(),
+            refusals: crate::workflow::RefusalAggregator::default(),
+            unrecorded: Vec::new(),
         };
         let handle = std::thread::Builder::new()
             .name("countersign-ledger".into())
@@ -556,8 +563,11 @@ impl Ledger {
     }
 
     /// Starts the timer that expires pending actions at their `expires_at`, including those
-    /// whose time passed while the server was down. Call from within a tokio runtime.
+    /// whose time passed while the server was down, and the one that has the summaries of
+    /// repeated refusals recorded once their window closed. Call from within a tokio
+    /// runtime. Both end when the ledger is dropped.
     pub fn start_expiry_timer(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(expiry::sweep_refusals(self.commands.downgrade()));
         tokio::spawn(expiry::run(
             self.state.clone(),
             self.commands.downgrade(),

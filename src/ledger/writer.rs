@@ -1,4 +1,9 @@
 //! The writer thread: decides, appends (group commit) and publishes batches of commands.
+//!
+//! Refusals recorded for the auditors pass through a [`RefusalAggregator`] on the way: the
+//! first of a kind is appended with its command, repeats within a minute are counted and
+//! appended as one summary when the window closes ([`Command::Sweep`], sent by a timer, and
+//! once more when the writer stops).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,9 +20,10 @@ use super::{
 };
 use crate::store::{EventLog, NewEvent, StoreError};
 use crate::workflow::record::{EventContext, Lookup};
+use crate::workflow::refusals::Filtered;
 use crate::workflow::{
     ActionCommand, ActionEvent, ActionRecord, ActionStatus, Actions, DecisionTimes, Refusal,
-    SERVER_ACTOR, decide,
+    RefusalAggregator, SERVER_ACTOR, Summary, decide,
 };
 
 pub(super) struct Writer {
@@ -34,6 +40,11 @@ pub(super) struct Writer {
     pub(super) checkpoints: Option<super::checkpoint::Trigger>,
     /// Cold records are read only once the verification after start-up has finished.
     pub(super) chain: Arc<super::ChainGate>,
+    /// Which audit-only refusals are appended now and which only counted.
+    pub(super) refusals: RefusalAggregator,
+    /// Summaries whose action could not be read back when their window closed (a cold
+    /// record while the chain is still being verified): tried again at the next sweep.
+    pub(super) unrecorded: Vec<Summary>,
 }
 
 /// How a decided command will be answered once its batch is (or is not) durable.
@@ -141,7 +152,7 @@ impl Batch {
 }
 
 impl Writer {
-    pub(super) fn run(self, mut queue: mpsc::Receiver<Command>) {
+    pub(super) fn run(mut self, mut queue: mpsc::Receiver<Command>) {
         let mut commands = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = queue.blocking_recv() {
             commands.push(first);
@@ -151,25 +162,45 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(&mut commands);
+            self.commit(&mut commands, None);
+        }
+        // The queue is closed: record what is still only counted, so nothing is lost.
+        let last = self.refusals.close_all();
+        if !last.is_empty() || !self.unrecorded.is_empty() {
+            self.commit(&mut commands, Some(last));
+            if !self.unrecorded.is_empty() {
+                let lost: u64 = self.unrecorded.iter().map(Summary::count).sum();
+                tracing::error!(
+                    refusals = lost,
+                    "repeated refusals could not be recorded before stopping"
+                );
+            }
         }
     }
 
-    /// Decides, appends and publishes one batch.
-    fn commit(&self, commands: &mut Vec<Command>) {
-        if self.health.refuse_writes().is_some() {
+    /// Decides, appends and publishes one batch; with `closing`, the summaries of the
+    /// refusal windows closed for good (shutdown).
+    fn commit(&mut self, commands: &mut Vec<Command>, closing: Option<Vec<Summary>>) {
+        if let Some(refusal) = self.health.refuse_writes() {
+            let lost: u64 = closing.iter().flatten().map(Summary::count).sum();
+            if lost > 0 {
+                tracing::error!(refusals = lost, error = %refusal, "repeated refusals could not be recorded before stopping");
+            }
             for command in commands.drain(..) {
                 let refusal = || self.health.refuse_writes().unwrap_or(LedgerError::Stopped);
                 match command {
                     Command::Check { reply, .. } => drop(reply.send(Err(refusal()))),
                     Command::Act { reply, .. } => drop(reply.send(Err(refusal()))),
                     Command::Record { reply, .. } => drop(reply.send(Err(refusal()))),
+                    Command::Sweep => {}
                 }
             }
             return;
         }
 
         let mut batch = Batch::new(self.log.last_sequence() + 1);
+        let mut sweep = closing.is_some();
+        let mut summaries = closing.unwrap_or_default();
         for command in commands.drain(..) {
             match command {
                 Command::Check { check, reply } => match self.plan_check(*check, &mut batch) {
@@ -205,7 +236,15 @@ impl Writer {
                         last_sequence,
                     });
                 }
+                Command::Sweep => sweep = true,
             }
+        }
+        if sweep {
+            summaries.extend(self.refusals.close_due(Utc::now()));
+            summaries.append(&mut self.unrecorded);
+        }
+        if !summaries.is_empty() {
+            self.push_summaries(summaries, Utc::now(), &mut batch);
         }
 
         let to_append = std::mem::take(&mut batch.to_append);
@@ -289,8 +328,9 @@ impl Writer {
     }
 
     /// Decides a command on an existing action against its state after the batch so far.
+    /// Refusals that repeat one already recorded in their window are only counted.
     fn plan_act(
-        &self,
+        &mut self,
         action_id: Uuid,
         command: &ActionCommand,
         time: DateTime<Utc>,
@@ -301,9 +341,55 @@ impl Writer {
             Some(record) => decide(record, command, time, &self.times),
             None => return Err(LedgerError::NotFound(action_id)),
         };
-        let appended = !decided.events.is_empty();
-        batch.push_events(action_id, time, decided.events)?;
+        let Filtered {
+            events,
+            closed_early,
+            seen,
+        } = self.refusals.filter(action_id, decided.events, time);
+        if let Some(observer) = self.observer.get() {
+            for (kind, recorded) in seen {
+                observer.refused(kind, recorded);
+            }
+        }
+        let appended = !events.is_empty();
+        batch.push_events(action_id, time, events)?;
+        if !closed_early.is_empty() {
+            self.push_summaries(closed_early, time, batch);
+        }
         Ok((decided.result, appended))
+    }
+
+    /// Adds summaries of repeated refusals to the batch, each on its action. One whose
+    /// action cannot be read back now is kept for the next sweep.
+    fn push_summaries(&mut self, summaries: Vec<Summary>, time: DateTime<Utc>, batch: &mut Batch) {
+        for summary in summaries {
+            let pushed = self.hold(summary.action_id, batch).and_then(|()| {
+                let Summary {
+                    action_id,
+                    actor,
+                    event,
+                } = summary.clone();
+                batch.push_events(action_id, time, vec![(actor, event)])
+            });
+            if let Err(e) = pushed {
+                tracing::warn!(
+                    action_id = %summary.action_id,
+                    refusals = summary.count(),
+                    error = %e,
+                    "repeated refusals not recorded yet; trying again at the next sweep"
+                );
+                self.unrecorded.push(summary);
+            }
+        }
+        // Bounded like the windows: beyond it, the oldest are given up, loudly.
+        let excess = self
+            .unrecorded
+            .len()
+            .saturating_sub(crate::workflow::refusals::MAX_OPEN);
+        if excess > 0 {
+            let lost: u64 = self.unrecorded.drain(..excess).map(|s| s.count()).sum();
+            tracing::error!(refusals = lost, "repeated refusals could not be recorded");
+        }
     }
 
     /// Puts an existing action's full record into the batch's scratch state: copied from

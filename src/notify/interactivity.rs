@@ -323,6 +323,8 @@ impl Interactivity {
             verdict: metadata.verdict,
             reason,
             expected_digest: Some(metadata.digest),
+            // `reviewer` refused anyone who may not review, as `access.denied`.
+            refused_by_role: None,
         };
         let id = metadata.action_id;
         match ledger.act(id, command, Utc::now()).await {

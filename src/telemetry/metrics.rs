@@ -21,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::auth::{Budget, LimitObserver};
 use crate::domain::RiskLevel;
 use crate::ledger::follower::Progress;
 use crate::ledger::{Ledger, LedgerObserver};
@@ -30,6 +31,19 @@ use crate::workflow::ActionStatus;
 struct DecisionLabels {
     status: &'static str,
     risk: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    /// `review.refused` or `outcome.refused`.
+    event: &'static str,
+    /// `at_once`: recorded as it happened; `counted`: into its window's summary.
+    logged: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    budget: &'static str,
 }
 
 /// Values read when metrics are read, not counted as they happen.
@@ -100,6 +114,8 @@ impl Sources {
 /// The OpenTelemetry side of the instruments, when OTLP metrics are on.
 struct OtelInstruments {
     decisions: OtelCounter<u64>,
+    refusals: OtelCounter<u64>,
+    rate_limited: OtelCounter<u64>,
     review_wait: OtelHistogram<f64>,
     flush: OtelHistogram<f64>,
 }
@@ -108,6 +124,8 @@ struct OtelInstruments {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
+    rate_limited: Family<BudgetLabels, Counter>,
     review_wait: Histogram,
     flush: Histogram,
     pending_actions: Gauge,
@@ -129,6 +147,18 @@ impl Metrics {
             "decisions",
             "Actions given a status, by status and risk: at evaluation (allowed, denied, pending) and after review (approved, rejected, expired, cancelled)",
             decisions.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "audit_refusals",
+            "Refused votes and outcome reports, by event and whether each was recorded at once or counted into a summary of repeats",
+            refusals.clone(),
+        );
+        let rate_limited = Family::<BudgetLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Calls refused RESOURCE_EXHAUSTED for their caller's rate budget, by budget",
+            rate_limited.clone(),
         );
         // 1 s to about 1.5 days.
         let review_wait = Histogram::new(exponential_buckets(1.0, 2.0, 18));
@@ -189,6 +219,8 @@ impl Metrics {
         Arc::new(Metrics {
             registry,
             decisions,
+            refusals,
+            rate_limited,
             review_wait,
             flush,
             pending_actions,
@@ -253,6 +285,39 @@ impl LedgerObserver for Metrics {
             otel.flush.record(took.as_secs_f64(), &[]);
         }
     }
+
+    fn refused(&self, kind: &'static str, recorded: bool) {
+        let logged = if recorded { "at_once" } else { "counted" };
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                event: kind,
+                logged,
+            })
+            .inc();
+        if let Some(otel) = &self.otel {
+            otel.refusals.add(
+                1,
+                &[
+                    KeyValue::new("event", kind),
+                    KeyValue::new("logged", logged),
+                ],
+            );
+        }
+    }
+}
+
+impl LimitObserver for Metrics {
+    fn limited(&self, budget: Budget) {
+        self.rate_limited
+            .get_or_create(&BudgetLabels {
+                budget: budget.name(),
+            })
+            .inc();
+        if let Some(otel) = &self.otel {
+            otel.rate_limited
+                .add(1, &[KeyValue::new("budget", budget.name())]);
+        }
+    }
 }
 
 fn otel_instruments(meter: &Meter, sources: &Arc<Sources>) -> OtelInstruments {
@@ -304,6 +369,16 @@ fn otel_instruments(meter: &Meter, sources: &Arc<Sources>) -> OtelInstruments {
         decisions: meter
             .u64_counter("countersign.decisions")
             .with_description("Actions given a status, by status and risk")
+            .build(),
+        refusals: meter
+            .u64_counter("countersign.audit.refusals")
+            .with_description(
+                "Refused votes and outcome reports, by event and how they were logged",
+            )
+            .build(),
+        rate_limited: meter
+            .u64_counter("countersign.rate_limited")
+            .with_description("Calls refused for their caller's rate budget, by budget")
             .build(),
         review_wait: meter
             .f64_histogram("countersign.review.wait")

@@ -2,14 +2,15 @@
 //!
 //! Each command is decided against the action's current record and the time, and yields
 //! the events to append plus the answer for the caller. A refused command may still yield
-//! events: refusals that matter to auditors (self-review, a second vote, a late start) are
-//! recorded, not just returned.
+//! events: refusals that matter to auditors (self-review, a second vote, a vote from someone
+//! who may not review at all, a late start) are recorded, not just returned. How many of
+//! those reach the log is the writer's business (`super::refusals`).
 
 use chrono::{DateTime, Utc};
 
 use super::events::{
     ActionApproved, ActionCancelled, ActionEvent, ActionExpired, ActionRejected, Outcome,
-    OutcomeRefused, OutcomeReported, ReviewRefused, ReviewVoted, Verdict,
+    OutcomeRefused, OutcomeReported, ReviewRefused, ReviewVoted, Verdict, kept_text,
 };
 use super::record::{ActionRecord, ActionStatus};
 use super::{DecisionTimes, after};
@@ -26,6 +27,11 @@ pub enum ActionCommand {
         reason: String,
         /// The digest the reviewer saw, if the client sent it.
         expected_digest: Option<String>,
+        /// Set when the edge found that the caller may not review at all (an agent, a
+        /// human outside `[roles] reviewers`), saying why: the vote is refused with that
+        /// and recorded on the action, whatever its status, so the attempt is in the
+        /// action's history.
+        refused_by_role: Option<String>,
     },
     Cancel {
         by: Principal,
@@ -86,14 +92,36 @@ pub fn decide(
 ) -> Decided {
     // A pending action past its expiry is expired now, whatever was asked: fail closed at
     // the exact time, not when the timer gets round to it.
-    if record.status == ActionStatus::Pending
-        && let Some(expires_at) = record.expires_at
-        && now >= expires_at
-    {
-        let expired = (
+    let expired_at = (record.status == ActionStatus::Pending)
+        .then_some(record.expires_at)
+        .flatten()
+        .filter(|expires_at| now >= *expires_at);
+    let expiry = |expires_at| {
+        (
             SERVER_ACTOR.to_string(),
             ActionEvent::Expired(ActionExpired { expires_at }),
-        );
+        )
+    };
+    // Someone who may not review at all is told so (not that the action expired or was
+    // decided), and the attempt is recorded on the action.
+    if let ActionCommand::Review {
+        reviewer,
+        verdict,
+        reason,
+        refused_by_role: Some(why),
+        ..
+    } = command
+    {
+        let refusal = Refusal::PermissionDenied(why.clone());
+        let mut events: Vec<_> = expired_at.map(expiry).into_iter().collect();
+        events.push((
+            reviewer.id.clone(),
+            refused_review(reviewer, *verdict, reason, &refusal),
+        ));
+        return Decided::refused(events, refusal);
+    }
+    if let Some(expires_at) = expired_at {
+        let expired = expiry(expires_at);
         return match command {
             ActionCommand::Expire => Decided::ok(vec![expired]),
             _ => Decided::refused(
@@ -113,6 +141,7 @@ pub fn decide(
             verdict,
             reason,
             expected_digest,
+            refused_by_role: _,
         } => review(
             record,
             reviewer,
@@ -187,10 +216,39 @@ fn review_refusal(
     {
         return Some(Refusal::FailedPrecondition(format!(
             "the action's digest is {}, not the {} that was reviewed",
-            record.action_digest, expected
+            record.action_digest,
+            shown_digest(expected)
         )));
     }
     None
+}
+
+/// A digest a client sent, as a refusal quotes it: a real one is 64 characters, and the
+/// refusal is stored, so anything longer is cut.
+fn shown_digest(digest: &str) -> String {
+    const SHOWN: usize = 64;
+    match digest.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &digest[..end]),
+        None => digest.to_string(),
+    }
+}
+
+/// The audit event of a refused vote, its reason cut to what the log keeps.
+fn refused_review(
+    reviewer: &Principal,
+    verdict: Verdict,
+    reason: &str,
+    refusal: &Refusal,
+) -> ActionEvent {
+    let (reason, reason_cut) = kept_text(reason);
+    ActionEvent::ReviewRefused(ReviewRefused {
+        reviewer: reviewer.clone(),
+        verdict,
+        reason,
+        reason_cut,
+        refusal: refusal.to_string(),
+        repeats: None,
+    })
 }
 
 fn review(
@@ -206,12 +264,7 @@ fn review(
         return Decided::refused(Vec::new(), not_pending(record));
     }
     if let Some(refusal) = review_refusal(record, reviewer, expected_digest) {
-        let audit = ActionEvent::ReviewRefused(ReviewRefused {
-            reviewer: reviewer.clone(),
-            verdict,
-            reason: reason.to_string(),
-            refusal: refusal.to_string(),
-        });
+        let audit = refused_review(reviewer, verdict, reason, &refusal);
         return Decided::refused(vec![(reviewer.id.clone(), audit)], refusal);
     }
     let mut events = vec![(
@@ -325,11 +378,14 @@ fn report_outcome(
             record.id,
             valid_until.to_rfc3339()
         ));
+        let (details, details_cut) = kept_text(details);
         let audit = ActionEvent::OutcomeRefused(OutcomeRefused {
             reporter: by.id.clone(),
             outcome,
-            details: details.to_string(),
+            details,
+            details_cut,
             refusal: refusal.to_string(),
+            repeats: None,
         });
         return Decided::refused(vec![(by.id.clone(), audit)], refusal);
     }
@@ -422,6 +478,7 @@ mod tests {
             verdict,
             reason: "because".into(),
             expected_digest: None,
+            refused_by_role: None,
         }
     }
 
@@ -518,6 +575,95 @@ mod tests {
             assert_eq!(kinds(&decided), ["review.refused"], "{}", reviewer.id);
             assert!(matches!(decided.result, Err(Refusal::PermissionDenied(_))));
         }
+    }
+
+    #[test]
+    fn a_vote_from_someone_who_may_not_review_is_recorded_on_the_action_whatever_its_status() {
+        let agent = Principal {
+            kind: PrincipalKind::Agent,
+            ..person("helper", &["security"])
+        };
+        let role_refused = ActionCommand::Review {
+            reviewer: agent,
+            verdict: Verdict::Approve,
+            reason: "trust me".into(),
+            expected_digest: None,
+            refused_by_role: Some("helper is an agent; only humans review actions".into()),
+        };
+        let mut record = pending(1, &["security"]);
+        for status in [ActionStatus::Pending, ActionStatus::Approved] {
+            record.status = status;
+            let decided = decide(&record, &role_refused, at(1), &times());
+            assert_eq!(kinds(&decided), ["review.refused"], "{status:?}");
+            assert_eq!(
+                decided.result,
+                Err(Refusal::PermissionDenied(
+                    "helper is an agent; only humans review actions".into()
+                ))
+            );
+        }
+        // Past its expiry, the action expires and the attempt is still recorded.
+        record.status = ActionStatus::Pending;
+        let late = decide(&record, &role_refused, at(600), &times());
+        assert_eq!(kinds(&late), ["action.expired", "review.refused"]);
+        assert!(matches!(late.result, Err(Refusal::PermissionDenied(_))));
+    }
+
+    #[test]
+    fn refused_texts_are_kept_as_a_prefix_with_their_length_and_digest() {
+        let record = pending(1, &["security"]);
+        let long = "é".repeat(2048);
+        let decided = decide(
+            &record,
+            &ActionCommand::Review {
+                reviewer: person("deploy-bot", &["security"]),
+                verdict: Verdict::Approve,
+                reason: long.clone(),
+                expected_digest: Some("f".repeat(10_000)),
+                refused_by_role: None,
+            },
+            at(1),
+            &times(),
+        );
+        let ActionEvent::ReviewRefused(refused) = &decided.events[0].1 else {
+            panic!("{decided:?}");
+        };
+        assert!(refused.reason.len() <= crate::workflow::KEPT_TEXT_BYTES);
+        assert!(long.starts_with(&refused.reason));
+        let cut = refused.reason_cut.as_ref().unwrap();
+        assert_eq!(cut.bytes, 4096);
+        assert_eq!(cut.sha256.len(), 64);
+        // A short reason is kept whole.
+        let short = decide(
+            &record,
+            &vote(person("deploy-bot", &["security"]), Verdict::Approve),
+            at(1),
+            &times(),
+        );
+        let ActionEvent::ReviewRefused(refused) = &short.events[0].1 else {
+            panic!("{short:?}");
+        };
+        assert_eq!(
+            (refused.reason.as_str(), &refused.reason_cut),
+            ("because", &None)
+        );
+        // A digest the client made up is quoted only in part.
+        let wrong_digest = decide(
+            &record,
+            &ActionCommand::Review {
+                reviewer: person("bob", &["security"]),
+                verdict: Verdict::Approve,
+                reason: "ok".into(),
+                expected_digest: Some("f".repeat(10_000)),
+                refused_by_role: None,
+            },
+            at(1),
+            &times(),
+        );
+        let ActionEvent::ReviewRefused(refused) = &wrong_digest.events[0].1 else {
+            panic!("{wrong_digest:?}");
+        };
+        assert!(refused.refusal.len() < 300, "{}", refused.refusal);
     }
 
     #[test]

@@ -58,15 +58,70 @@ pub struct ReviewVoted {
     pub reason: String,
 }
 
-/// A review that was refused (self-review, wrong group, second vote, …). Recorded for the
-/// auditors; it does not change the action.
+/// A review that was refused (self-review, wrong group, second vote, an agent, a human
+/// outside `[roles] reviewers`, …). Recorded for the auditors; it does not change the
+/// action. Refusals repeat at no cost to the caller, so what is kept of one is bounded:
+/// the reason cut to [`KEPT_TEXT_BYTES`] (its length and digest kept), and repeats by the
+/// same reviewer on the same action counted into one later event (`repeats`, see
+/// `workflow::refusals`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReviewRefused {
     pub reviewer: Principal,
     pub verdict: Verdict,
+    /// The reviewer's reason, at most [`KEPT_TEXT_BYTES`].
     pub reason: String,
+    /// Set when `reason` was cut: the whole reason's length and SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_cut: Option<CutText>,
     /// Why it was refused, as told to the reviewer.
     pub refusal: String,
+    /// Set on a summary: the further refusals it counts (see [`Repeats`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<Repeats>,
+}
+
+/// The most bytes of a caller's free text (a refused vote's reason, a refused outcome's
+/// details) an audit-only event keeps. A prefix, the length and the SHA-256 are evidence
+/// enough of an attempt that changed nothing.
+pub const KEPT_TEXT_BYTES: usize = 256;
+
+/// What was cut from a caller's text kept in an audit-only event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutText {
+    /// The whole text's length in bytes.
+    pub bytes: usize,
+    /// The whole text's SHA-256, hex.
+    pub sha256: String,
+}
+
+/// `text` as an audit-only event keeps it: whole if at most [`KEPT_TEXT_BYTES`], else
+/// its first bytes (on a character boundary) and what was cut.
+pub fn kept_text(text: &str) -> (String, Option<CutText>) {
+    if text.len() <= KEPT_TEXT_BYTES {
+        return (text.to_string(), None);
+    }
+    let mut end = KEPT_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = CutText {
+        bytes: text.len(),
+        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())),
+    };
+    (text[..end].to_string(), Some(cut))
+}
+
+/// On a summary of repeated refusals: how many it stands for and when they happened.
+/// The first refusal of a reviewer (or reporter) on an action in a window is recorded on
+/// its own, as it happens, without `repeats`; the ones after it in the window are counted
+/// and recorded as one event with `repeats` when the window closes, carrying the first
+/// repeat's reason and refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repeats {
+    /// Refusals this event stands for (at least 1).
+    pub count: u64,
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
 }
 
 /// The quorum was reached.
@@ -118,8 +173,15 @@ pub struct OutcomeReported {
 pub struct OutcomeRefused {
     pub reporter: String,
     pub outcome: Outcome,
+    /// The reporter's details, at most [`KEPT_TEXT_BYTES`].
     pub details: String,
+    /// Set when `details` was cut: the whole text's length and SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details_cut: Option<CutText>,
     pub refusal: String,
+    /// Set on a summary: the further refusals it counts (see [`Repeats`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<Repeats>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -10,6 +10,7 @@ mod commands;
 mod digest;
 mod events;
 pub mod record;
+pub mod refusals;
 
 pub(crate) use check::after;
 pub use check::{DecisionTimes, evaluate_check};
@@ -17,7 +18,8 @@ pub use commands::{ActionCommand, Decided, Refusal, SERVER_ACTOR, decide};
 pub use digest::action_digest;
 pub use events::{
     ActionApproved, ActionCancelled, ActionEvent, ActionExpired, ActionRejected, ActionRequested,
-    EventDecodeError, EventSummary, Outcome, OutcomeRefused, OutcomeReported, PolicyEvaluated,
-    ReviewRefused, ReviewVoted, Verdict,
+    CutText, EventDecodeError, EventSummary, KEPT_TEXT_BYTES, Outcome, OutcomeRefused,
+    OutcomeReported, PolicyEvaluated, Repeats, ReviewRefused, ReviewVoted, Verdict, kept_text,
 };
 pub use record::{ActionRecord, ActionStatus, Actions, ReportedOutcome, Vote};
+pub use refusals::{RefusalAggregator, Summary};

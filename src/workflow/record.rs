@@ -1258,7 +1258,9 @@ mod tests {
             reviewer,
             verdict: Verdict::Approve,
             reason: "late".into(),
+            reason_cut: None,
             refusal: "already approved".into(),
+            repeats: None,
         })]);
         history.push(vec![ActionEvent::OutcomeReported(OutcomeReported {
             outcome: Outcome::Executed,
@@ -1268,7 +1270,9 @@ mod tests {
             reporter: "agent-1".into(),
             outcome: Outcome::Failed,
             details: "again".into(),
+            details_cut: None,
             refusal: "already reported".into(),
+            repeats: None,
         })]);
         for events in history {
             all_hot_log.append(&mut all_hot, id, events.clone());
