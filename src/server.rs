@@ -337,6 +337,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
             .map_err(|e| TlsError::Rejected(error_chain(&e)))?;
     }
     let router = builder
+        .layer(crate::api::too_large::layer(max))
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
