@@ -104,14 +104,6 @@ impl Connections {
         activity.open.fetch_add(1, Ordering::AcqRel);
         Some(OpenStream(activity))
     }
-
-    pub fn len(&self) -> usize {
-        self.0.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 // === impl Conn ===
@@ -157,7 +149,12 @@ impl Conn {
 
     /// Called while a read waits: `Some(reason)` once the connection should be closed.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<Reason> {
-        *self.activity.waker.lock() = Some(cx.waker().clone());
+        {
+            let mut waker = self.activity.waker.lock();
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+        }
         if self.activity.open.load(Ordering::Acquire) > 0 {
             // Woken by the last stream's end, which starts the idle timer.
             return None;
