@@ -99,6 +99,13 @@ impl Acceptor {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
                     self.backoff.reset();
+                    if let Some(count) = self.refusals.flush(Instant::now()) {
+                        tracing::warn!(
+                            listener = self.name,
+                            refused = count,
+                            "connections refused since the last line"
+                        );
+                    }
                     match self.slots.clone().try_acquire_owned() {
                         Ok(permit) => {
                             self.stats.opened(self.name);
@@ -210,10 +217,16 @@ impl RefusalLog {
     /// Records one refusal; returns the count to log now, if a line is due.
     fn record(&mut self, now: Instant) -> Option<u64> {
         self.unlogged += 1;
+        self.flush(now)
+    }
+
+    /// The refusals not logged yet, if there are any and a line is due. Also called as
+    /// connections are accepted, so the count of a burst that ended is not lost.
+    fn flush(&mut self, now: Instant) -> Option<u64> {
         let due = self
             .last_line
             .is_none_or(|last| now.duration_since(last) >= REFUSAL_LOG_INTERVAL);
-        if !due {
+        if self.unlogged == 0 || !due {
             return None;
         }
         self.last_line = Some(now);
@@ -259,5 +272,12 @@ mod tests {
             assert_eq!(log.record(start + Duration::from_millis(i)), None);
         }
         assert_eq!(log.record(start + REFUSAL_LOG_INTERVAL), Some(1000));
+
+        // A burst that ended is reported by the next accepted connection, once due.
+        let later = start + REFUSAL_LOG_INTERVAL + Duration::from_secs(1);
+        assert_eq!(log.record(later), None);
+        assert_eq!(log.flush(later), None);
+        assert_eq!(log.flush(start + REFUSAL_LOG_INTERVAL * 2), Some(1));
+        assert_eq!(log.flush(start + REFUSAL_LOG_INTERVAL * 4), None);
     }
 }
