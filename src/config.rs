@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::auth::rate_limit::RateSection;
 use crate::auth::{JwtConfig, MtlsConfig, RateLimits, RolesConfig, TokenConfig};
+use crate::listener::ConnectionSettings;
 use crate::notify::config::{NotifySettings, SlackSection, TeamsSection, WebhookSection};
 use crate::telemetry::LogFormat;
 use crate::telemetry::export::ExportSettings;
@@ -48,6 +49,8 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     pub max_await: Duration,
     pub reviewer_stall_timeout: Duration,
+    /// The gRPC listener's connection cap, first-request and idle timeouts, keepalive.
+    pub connections: ConnectionSettings,
     /// Settled action records kept in full in memory; older ones are read from the log.
     pub settled_in_memory: usize,
     /// Per-principal budgets of the calls that write (`[limits.rate]`).
@@ -128,6 +131,7 @@ impl ServerConfig {
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_await: DEFAULT_MAX_AWAIT,
             reviewer_stall_timeout: DEFAULT_REVIEWER_STALL_TIMEOUT,
+            connections: ConnectionSettings::default(),
             settled_in_memory: crate::ledger::DEFAULT_SETTLED_IN_MEMORY,
             rate_limits: RateLimits::default(),
             checkpoint_every: crate::ledger::DEFAULT_CHECKPOINT_EVERY,
@@ -269,6 +273,15 @@ pub struct LimitsSection {
     /// `[limits.rate]`: per-principal budgets of the calls that write.
     #[serde(default)]
     pub rate: RateSection,
+    /// Connections the gRPC listener holds at once; more are refused at once.
+    pub max_connections: Option<usize>,
+    /// From accept to the first request's headers, TLS and HTTP/2 preface included (`10s`).
+    pub first_request_timeout: Option<String>,
+    /// A connection with no open stream this long is closed (`5m`).
+    pub idle_timeout: Option<String>,
+    /// HTTP/2 pings that find dead peers (`30s`), and how long an answer may take (`10s`).
+    pub keepalive_interval: Option<String>,
+    pub keepalive_timeout: Option<String>,
 }
 
 impl ConfigFile {
@@ -370,6 +383,29 @@ pub fn resolve(
                 });
             }
             config.max_concurrent_streams = v;
+        }
+        if let Some(v) = file.limits.max_connections {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: "limits.max_connections",
+                    problem: "must be at least 1".into(),
+                });
+            }
+            config.connections.max_connections = v;
+        }
+        if let Some(v) = &file.limits.first_request_timeout {
+            config.connections.first_request_timeout =
+                duration(path, "limits.first_request_timeout", v)?;
+        }
+        if let Some(v) = &file.limits.idle_timeout {
+            config.connections.idle_timeout = duration(path, "limits.idle_timeout", v)?;
+        }
+        if let Some(v) = &file.limits.keepalive_interval {
+            config.connections.keepalive_interval = duration(path, "limits.keepalive_interval", v)?;
+        }
+        if let Some(v) = &file.limits.keepalive_timeout {
+            config.connections.keepalive_timeout = duration(path, "limits.keepalive_timeout", v)?;
         }
         if let Some(v) = file.limits.settled_in_memory {
             if v > MAX_SETTLED_IN_MEMORY {
@@ -603,6 +639,33 @@ mod tests {
             "{err}"
         );
         assert!(toml::from_str::<ConfigFile>("[limits]\nsettled_in_memory = -1").is_err());
+    }
+
+    #[test]
+    fn connection_limits_and_timeouts_are_read_from_limits() {
+        assert_eq!(
+            resolved("").unwrap().connections,
+            ConnectionSettings::default()
+        );
+        let config = resolved(
+            "[limits]\nmax_connections = 500\nfirst_request_timeout = \"2s\"\n\
+             idle_timeout = \"1m\"\nkeepalive_interval = \"20s\"\nkeepalive_timeout = \"5s\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.connections,
+            ConnectionSettings {
+                max_connections: 500,
+                first_request_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(60),
+                keepalive_interval: Duration::from_secs(20),
+                keepalive_timeout: Duration::from_secs(5),
+            }
+        );
+        let err = resolved("[limits]\nmax_connections = 0").unwrap_err();
+        assert!(err.to_string().contains("limits.max_connections"), "{err}");
+        let err = resolved("[limits]\nidle_timeout = \"0s\"").unwrap_err();
+        assert!(err.to_string().contains("limits.idle_timeout"), "{err}");
     }
 
     #[test]

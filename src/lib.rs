@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod ledger;
+pub mod listener;
 pub mod notify;
 pub mod policy;
 pub mod server;

@@ -19,7 +19,6 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tower::Layer as _;
 
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
@@ -183,6 +182,8 @@ impl RunningServer {
 
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     check_listen(&config)?;
+    // Before the event log opens its files; logged once the server is serving.
+    let open_files = crate::listener::raise_open_file_limit();
     // Before anything else touches the disk: a bad key file is the likeliest start-up error.
     let authenticator = authenticator(&config.auth)?;
     // Secrets and the interactivity listener are checked here too, before the disk.
@@ -310,15 +311,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     // Refusals are recorded by a task of their own, which holds the ledger until the last
     // guard is dropped with the router, so a graceful stop records the final summaries.
     let (denials, _recorder) = start_denial_recorder(core.ledger.clone());
+    let connection_stats = crate::listener::ConnectionStats::default();
     let notify = notify
         .start(
             &core.ledger,
             roles.clone(),
             denials.clone(),
             core.stopping.clone(),
+            &connection_stats,
         )
         .await?;
-    let telemetry = start_telemetry(&config, &core, &notify).await?;
+    let telemetry = start_telemetry(&config, &core, &notify, &connection_stats).await?;
     let metrics_addr = telemetry.metrics_addr;
     let limiter = RateLimiter::new(
         config.rate_limits,
@@ -341,10 +344,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
             .tls_config(tls_config)
             .map_err(|e| TlsError::Rejected(error_chain(&e)))?;
     }
+    let connections = crate::listener::Connections::default();
+    let limits = config.connections;
     let router = builder
+        .layer(crate::listener::StreamsLayer::new(connections.clone()))
+        .layer(crate::api::too_large::layer(max))
         .max_concurrent_streams(Some(config.max_concurrent_streams))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -354,15 +361,42 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .add_service(guard.layer(policy));
 
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
-    // Our own listener (bound early, for port 0), so tonic's `tcp_nodelay` does not reach
-    // its sockets: set it here. Without it, Nagle's algorithm and delayed ACKs add ~40 ms
-    // to small replies, such as a waiter's wake-up. tonic runs the TLS handshake on every
-    // connection this stream yields (`tls_config` applies to custom incoming streams too;
-    // tests/tls.rs checks that a plaintext client gets nowhere).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    tracing::info!(address = %local_addr, "countersign is serving");
+    // Our own accept loop (crate::listener): the connection cap, backoff when out of file
+    // descriptors, and connections closed when they bring no request or stay idle; tonic's
+    // accept loop has none of these and spins at the descriptor limit. tonic runs the TLS
+    // handshake on every connection this stream yields (`tls_config` applies to custom
+    // incoming streams too; tests/tls.rs checks that a plaintext client gets nowhere).
+    let http_listeners = [
+        config.metrics_listen.is_some(),
+        notify.interactivity_addr.is_some(),
+    ]
+    .into_iter()
+    .filter(|on| *on)
+    .count()
+        * crate::listener::HTTP_LISTENER_CONNECTIONS;
+    open_files.log();
+    let cap = crate::listener::connection_cap(limits.max_connections, http_listeners);
+    let acceptor = crate::listener::Acceptor::new(
+        crate::listener::stats::GRPC,
+        listener,
+        cap,
+        connection_stats,
+    );
+    let incoming = crate::listener::grpc_incoming(
+        acceptor,
+        connections,
+        crate::listener::Timeouts {
+            first_request: limits.first_request_timeout,
+            idle: limits.idle_timeout,
+        },
+    );
+    tracing::info!(
+        address = %local_addr,
+        max_connections = cap,
+        first_request_timeout = %humantime::format_duration(limits.first_request_timeout),
+        idle_timeout = %humantime::format_duration(limits.idle_timeout),
+        "countersign is serving"
+    );
     let task = tokio::spawn(async move {
         let served = router
             .serve_with_incoming_shutdown(incoming, async {
@@ -407,6 +441,7 @@ async fn start_telemetry(
     config: &ServerConfig,
     core: &Arc<Core>,
     notify: &crate::notify::Started,
+    connections: &crate::listener::ConnectionStats,
 ) -> Result<Telemetry, ServeError> {
     if let Some(addr) = config.metrics_listen
         && !addr.ip().is_loopback()
@@ -427,7 +462,12 @@ async fn start_telemetry(
     let meter = meter_provider
         .as_ref()
         .map(|p| opentelemetry::metrics::MeterProvider::meter(p, "countersign"));
-    let sources = Sources::new(&core.ledger, core.reviewer_streams.clone(), export.clone());
+    let sources = Sources::new(
+        &core.ledger,
+        core.reviewer_streams.clone(),
+        export.clone(),
+        connections.clone(),
+    );
     let metrics = Metrics::new(sources, meter.as_ref());
     core.ledger.set_observer(metrics.clone());
 
@@ -455,6 +495,12 @@ async fn start_telemetry(
                     &notifying,
                 )
             });
+            let listener = crate::listener::Acceptor::new(
+                crate::listener::stats::METRICS,
+                listener,
+                crate::listener::HTTP_LISTENER_CONNECTIONS,
+                connections.clone(),
+            );
             tokio::spawn(crate::telemetry::http::serve(
                 listener,
                 serving,

@@ -334,7 +334,12 @@ async fn a_message_over_the_size_limit_is_refused_before_it_is_parsed() {
         .await
         .unwrap_err();
 
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // The gRPC status-code guide's code for a message over the limit.
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limits.max_message_bytes"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]

@@ -771,6 +771,14 @@ async fn a_reviewer_stream_resumes_after_the_last_sequence_without_gaps_or_dupli
     };
     assert_eq!(pending.action_id, second.action_id);
     assert_eq!(next.sequence, second.sequence);
+    // Everything missed has been sent: the stream says so, and where it stands (the
+    // allowed action after the second one is in the log, not on the stream).
+    let caught_up = next_message(&mut resumed).await;
+    assert!(
+        matches!(caught_up.event, Some(StreamEvent::CaughtUp(_))),
+        "expected caught_up after what was missed, got {caught_up:?}"
+    );
+    assert!(caught_up.sequence > second.sequence, "{caught_up:?}");
 
     // Live again: the next event is new, not a repeat.
     let third = gate
@@ -865,10 +873,16 @@ async fn a_stalled_reviewer_stream_does_not_slow_the_others_and_is_told_to_resyn
         "{}",
         resync.reason
     );
+    // Then closed with a status a client can act on, not OK.
     let end = tokio::time::timeout(Duration::from_secs(10), stalled.message())
         .await
         .unwrap();
-    assert!(matches!(end, Ok(None)), "and then closed: {end:?}");
+    let status = end.expect_err("a cut stream does not end with OK");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("after_sequence = 0"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]

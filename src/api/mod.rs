@@ -12,6 +12,7 @@ mod review;
 mod review_stream;
 mod status;
 pub mod strict;
+pub mod too_large;
 pub mod validate;
 
 use std::path::PathBuf;

@@ -7,13 +7,17 @@
 //! (`limits.reviewer_stall_timeout`, 3 s by default) is told to
 //! resync and the stream is closed; a task that falls behind the feed itself (the feed's
 //! ring is bounded) is closed the same way. No other reviewer, agent or the ledger ever
-//! waits for a slow reviewer, and one slot of the buffer is always kept free so the resync
-//! notice can be delivered.
+//! waits for a slow reviewer, and two slots of the buffer are always kept free so the
+//! resync notice and the status that ends the stream can be delivered.
+//!
+//! How a stream ends says what to do: after `resync_required` with ABORTED (reconnect
+//! with `after_sequence = 0`), when the server stops with UNAVAILABLE (reconnect and
+//! resume), never with OK while the client is still reading.
 //!
 //! Resuming: every message carries a log sequence number. A client that has seen
 //! `snapshot_complete` (or any later message) reconnects with the sequence of the last
-//! message it received and gets exactly what it missed; one cut off during the snapshot
-//! reconnects with 0.
+//! message it received and gets exactly what it missed, then `caught_up`; one cut off
+//! during the snapshot reconnects with 0.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,8 +37,12 @@ use crate::workflow::{ActionEvent, ActionRecord, ActionStatus, SERVER_ACTOR, Ver
 pub type PendingStream =
     Pin<Box<dyn Stream<Item = Result<proto::StreamPendingResponse, Status>> + Send + 'static>>;
 
-/// Messages buffered towards one client. One slot is always kept for the resync notice.
+/// Messages buffered towards one client. Two slots are always kept free: the resync
+/// notice and the status that ends the stream.
 const STREAM_BUFFER: usize = 256;
+
+/// Slots [`ReviewerStream::send`] waits for: the message's and the two kept free.
+const SLOTS_PER_SEND: usize = 3;
 
 /// How far back a resume may reach; further back, a fresh snapshot is cheaper and exact.
 const MAX_RESUME_EVENTS: u64 = 100_000;
@@ -99,7 +107,7 @@ impl ReviewerStream {
             let batch = tokio::select! {
                 received = feed.recv() => received,
                 () = self.tx.closed() => return Err("client went away"),
-                () = self.core.stopped() => return Err("server stopping"),
+                () = self.core.stopped() => return Err(self.server_stopping()),
             };
             match batch {
                 Ok(batch) => {
@@ -120,7 +128,7 @@ impl ReviewerStream {
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     self.resync("the stream fell behind the server's feed")?;
                 }
-                Err(broadcast::error::RecvError::Closed) => return Err("server stopping"),
+                Err(broadcast::error::RecvError::Closed) => return Err(self.server_stopping()),
             }
         }
     }
@@ -155,7 +163,8 @@ impl ReviewerStream {
         Ok(sequence)
     }
 
-    /// What happened after `after`, read back from the log; returns the state's sequence.
+    /// What happened after `after`, read back from the log, then `caught_up`; returns the
+    /// state's sequence.
     async fn send_since(&mut self, after: u64) -> Result<u64, Ended> {
         let head = self.core.ledger.actions().applied_sequence();
         if after > head || head - after > MAX_RESUME_EVENTS {
@@ -194,12 +203,14 @@ impl ReviewerStream {
                 }
             };
             if let Some(message) = self.message(event.sequence, &decoded, &record) {
-                self.tx
-                    .send(Ok(message))
-                    .await
-                    .map_err(|_| "client went away")?;
+                self.send(message).await?;
             }
         }
+        self.send(proto::StreamPendingResponse {
+            sequence: head,
+            event: Some(StreamEvent::CaughtUp(proto::CaughtUp {})),
+        })
+        .await?;
         Ok(head)
     }
 
@@ -238,15 +249,15 @@ impl ReviewerStream {
         })
     }
 
-    /// Sends when the buffer has room for this message and the resync notice, waiting at
+    /// Sends when the buffer has room for this message and the two kept free, waiting at
     /// most the stall timeout for the client to make it. A group commit can carry hundreds
     /// of new pending actions at once, so a full buffer alone is no sign of a stalled
     /// client; not reading for that long is.
     async fn send(&self, message: proto::StreamPendingResponse) -> Result<(), Ended> {
         let stall_timeout = self.core.reviewer_stall_timeout;
-        match tokio::time::timeout(stall_timeout, self.tx.reserve_many(2)).await {
+        match tokio::time::timeout(stall_timeout, self.tx.reserve_many(SLOTS_PER_SEND)).await {
             Ok(Ok(mut permits)) => {
-                // The second permit is released unused: it is the resync notice's slot.
+                // The other permits are released unused: the slots kept free.
                 if let Some(permit) = permits.next() {
                     permit.send(Ok(message));
                 }
@@ -260,16 +271,31 @@ impl ReviewerStream {
         }
     }
 
-    /// Tells the client to reconnect with a fresh snapshot, and ends the stream.
+    /// Tells the client to reconnect with a fresh snapshot, and ends the stream with
+    /// ABORTED saying the same, for clients that act on the status rather than the message.
+    /// Both fit: two slots are always free.
     fn resync(&self, reason: &str) -> Result<(), Ended> {
+        let reason = format!("{reason}; reconnect with after_sequence = 0");
         let message = proto::StreamPendingResponse {
             sequence: 0,
             event: Some(StreamEvent::ResyncRequired(proto::ResyncRequired {
-                reason: format!("{reason}; reconnect with after_sequence = 0"),
+                reason: reason.clone(),
             })),
         };
         let _ = self.tx.try_send(Ok(message));
+        let _ = self.tx.try_send(Err(Status::aborted(format!(
+            "the reviewer stream was closed: {reason}"
+        ))));
         Err("resync requested")
+    }
+
+    /// Ends the stream with UNAVAILABLE: the client reconnects (to this server restarted,
+    /// or another) and resumes after the last sequence it received.
+    fn server_stopping(&self) -> Ended {
+        let _ = self.tx.try_send(Err(Status::unavailable(
+            "the server is stopping; reconnect and resume with after_sequence = the last sequence received",
+        )));
+        "server stopping"
     }
 }
 

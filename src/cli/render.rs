@@ -47,6 +47,9 @@ pub fn stream_message(message: &proto::StreamPendingResponse) -> Value {
             object.insert("event".into(), json!("resync_required"));
             object.insert("reason".into(), json!(resync.reason));
         }
+        Some(StreamEvent::CaughtUp(_)) => {
+            object.insert("event".into(), json!("caught_up"));
+        }
         // A kind of event added to the API after this client was built.
         None => {
             object.insert("event".into(), json!("unknown"));

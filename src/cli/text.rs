@@ -336,6 +336,11 @@ pub fn snapshot_line(pending: u32) -> String {
     format!("— {pending} pending; watching for more —\n")
 }
 
+/// The end of what a resumed stream had missed.
+pub fn caught_up_line(pending: usize) -> String {
+    format!("— caught up; {pending} pending; watching for more —\n")
+}
+
 /// What a reviewer is about to vote on (printed to stderr before the vote is sent).
 pub fn review_summary(verb: &str, record: &proto::ActionRecord) -> String {
     let action = record.action.clone().unwrap_or_default();

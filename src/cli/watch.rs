@@ -134,6 +134,12 @@ impl Watcher<'_> {
                 Ok(None) => {
                     return Ended::Lost(CliError::Other("the server closed the stream".into()));
                 }
+                // The server cut the stream (it fell behind, or cannot resume); the
+                // resync notice normally comes first, this is for one that got lost.
+                Err(status) if status.code() == Code::Aborted => {
+                    self.resume.start_over();
+                    return Ended::Resync(status.message().to_string());
+                }
                 Err(status) => return classify(status),
             };
             self.backoff.reset();
@@ -185,6 +191,11 @@ impl Resume {
     fn begin(&mut self) -> u64 {
         self.in_snapshot = self.after == 0;
         self.after
+    }
+
+    /// The next connection takes a fresh snapshot.
+    fn start_over(&mut self) {
+        self.after = 0;
     }
 
     fn observe(&mut self, message: &proto::StreamPendingResponse) -> Step {
@@ -282,6 +293,7 @@ impl View {
                 out.push_str(&text::snapshot_line(complete.pending_count));
                 out
             }
+            Some(StreamEvent::CaughtUp(_)) => text::caught_up_line(self.pending.len()),
             Some(StreamEvent::ResyncRequired(_)) | None => String::new(),
         }
     }
@@ -431,6 +443,16 @@ mod tests {
         ));
         assert_eq!(step, Step::Resync("too slow".into()));
         assert_eq!(resume.begin(), 0);
+    }
+
+    #[test]
+    fn caught_up_moves_the_resume_position_to_where_the_stream_stands() {
+        let mut resume = Resume::default();
+        resume.begin();
+        resume.observe(&complete(57, 0));
+        assert_eq!(resume.begin(), 57);
+        resume.observe(&message(63, StreamEvent::CaughtUp(proto::CaughtUp {})));
+        assert_eq!(resume.begin(), 63);
     }
 
     #[test]

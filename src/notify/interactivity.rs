@@ -17,7 +17,10 @@
 //! The listener is HTTP/1 (hyper), over TLS with the server's `[tls]` certificate when
 //! configured; without TLS it listens on loopback only (behind a TLS-terminating proxy).
 //! Bodies are bounded ([`MAX_BODY_BYTES`]), headers must arrive within
-//! [`HEADER_TIMEOUT`], connections are bounded and end when the server stops.
+//! [`HEADER_TIMEOUT`] (the first request's, and each next one's on a kept-alive
+//! connection), the TLS handshake within [`crate::tls::HANDSHAKE_TIMEOUT`], connections
+//! are capped ([`crate::listener::HTTP_LISTENER_CONNECTIONS`], more are refused at once)
+//! and end when the server stops.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -32,8 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::config::{Secret, SlackUser};
@@ -46,6 +48,7 @@ use crate::auth::Roles;
 use crate::auth::denials::{Denial, DenialReporter, DeniedAs};
 use crate::domain::{Principal, PrincipalKind};
 use crate::ledger::{Ledger, LedgerError};
+use crate::listener::Acceptor;
 use crate::workflow::{ActionCommand, ActionStatus, Verdict};
 
 /// The path Slack's Request URL must name.
@@ -54,8 +57,6 @@ pub const PATH: &str = "/slack/interactivity";
 pub const RPC: &str = "slack:interactivity";
 /// Interactivity payloads are a few KiB; anything larger is refused unread.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Connections served at once; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 64;
 /// A client must send its request headers within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A whole request (body, verification, the vote) must be done within this; Slack itself
@@ -358,27 +359,18 @@ impl Interactivity {
 }
 
 /// Serves until `stopping` becomes true; `tls`: the acceptor when `[tls]` is configured.
+/// `listener` caps connections (refusing more at once) and waits out a lack of file
+/// descriptors; each connection holds its slot until it ends.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: Acceptor,
     tls: Option<tokio_rustls::TlsAcceptor>,
     handler: Arc<Interactivity>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
+        let (stream, peer, slot) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stopping.wait_for(|s| *s) => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::debug!(error = %e, "slack interactivity: accept failed");
-                continue;
-            }
         };
         let handler = handler.clone();
         let tls = tls.clone();
@@ -410,7 +402,7 @@ pub async fn serve(
                 () = connection => {}
                 _ = stopping.wait_for(|s| *s) => {}
             }
-            drop(permit);
+            drop(slot);
         });
     }
 }

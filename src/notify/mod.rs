@@ -180,6 +180,7 @@ impl Prepared {
         roles: Arc<Roles>,
         denials: DenialReporter,
         stopping: watch::Receiver<bool>,
+        connections: &crate::listener::ConnectionStats,
     ) -> Result<Started, NotifyError> {
         let mut started = Started::default();
         if let Some(slack) = self.slack {
@@ -203,6 +204,12 @@ impl Prepared {
                     denials,
                 ));
                 tracing::info!(address = %bound, tls = slack.tls.is_some(), path = interactivity::PATH, "serving Slack interactivity");
+                let listener = crate::listener::Acceptor::new(
+                    crate::listener::stats::SLACK,
+                    listener,
+                    crate::listener::HTTP_LISTENER_CONNECTIONS,
+                    connections.clone(),
+                );
                 tokio::spawn(interactivity::serve(
                     listener,
                     slack.tls,

@@ -13,41 +13,31 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use super::metrics::Metrics;
+use crate::listener::Acceptor;
 
-/// Connections served at once; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 64;
-/// A client must send its request headers within this.
+/// A client must send its request headers within this (the first request's, and each next
+/// one's on a kept-alive connection).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds the `/status` document when asked.
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
-/// Serves until `stopping` becomes true.
+/// Serves until `stopping` becomes true. `listener` caps connections
+/// ([`crate::listener::HTTP_LISTENER_CONNECTIONS`], more are refused at once) and waits out
+/// a lack of file descriptors; each connection holds its slot until it ends.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: Acceptor,
     metrics: Arc<Metrics>,
     status: StatusFn,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
+        let (stream, _, slot) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stopping.wait_for(|s| *s) => return,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::debug!(error = %e, "metrics listener: accept failed");
-                continue;
-            }
         };
         let metrics = metrics.clone();
         let status = status.clone();
@@ -64,7 +54,7 @@ pub async fn serve(
             if let Err(e) = served {
                 tracing::debug!(error = %e, "metrics listener: connection ended");
             }
-            drop(permit);
+            drop(slot);
         });
     }
 }

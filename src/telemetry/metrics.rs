@@ -4,8 +4,9 @@
 //! (`prometheus-client`, scraped as text from `--metrics-listen`, see [`super::http`]) and,
 //! when an OTLP endpoint is configured, mirrored into OpenTelemetry instruments pushed by a
 //! periodic reader. Counters and histograms are fed as things happen (the ledger reports
-//! through [`crate::ledger::LedgerObserver`]); gauges are sampled when read, from the
-//! ledger, the reviewer streams and the span exporter.
+//! through [`crate::ledger::LedgerObserver`]; the listeners through
+//! [`crate::listener::ConnectionStats`]); gauges are sampled when read, from the ledger,
+//! the reviewer streams and the span exporter.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -25,6 +26,8 @@ use crate::auth::{Budget, LimitObserver};
 use crate::domain::RiskLevel;
 use crate::ledger::follower::Progress;
 use crate::ledger::{Ledger, LedgerObserver};
+use crate::listener::ConnectionStats;
+use crate::listener::stats::{LISTENERS, Reason};
 use crate::workflow::ActionStatus;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +70,8 @@ pub struct Sources {
     ledger: Weak<Ledger>,
     reviewer_streams: Arc<AtomicUsize>,
     export: Option<Arc<Progress>>,
+    /// Counted by the listeners as connections come and go.
+    connections: ConnectionStats,
 }
 
 impl Sources {
@@ -74,11 +79,13 @@ impl Sources {
         ledger: &Arc<Ledger>,
         reviewer_streams: Arc<AtomicUsize>,
         export: Option<Arc<Progress>>,
+        connections: ConnectionStats,
     ) -> Sources {
         Sources {
             ledger: Arc::downgrade(ledger),
             reviewer_streams,
             export,
+            connections,
         }
     }
 
@@ -212,6 +219,23 @@ impl Metrics {
             "Age of the oldest event not yet accepted by the OTLP collector",
             prometheus_client::registry::Unit::Seconds,
             export_lag_seconds.clone(),
+        );
+
+        let connections = &sources.connections;
+        registry.register(
+            "connections_open",
+            "Connections open, by listener",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused by a listener: at its cap (limit), or not accepted for now because the process was out of file descriptors (descriptors)",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the server closed: no request within the first-request timeout, or no open stream for the idle timeout",
+            connections.closed.clone(),
         );
 
         let sources = Arc::new(sources);
@@ -356,6 +380,55 @@ fn otel_instruments(meter: &Meter, sources: &Arc<Sources>) -> OtelInstruments {
         "Events recorded but not yet accepted by the OTLP collector",
         |s| s.export_lag_events,
     );
+    let connections = sources.connections.clone();
+    meter
+        .i64_observable_gauge("countersign.connections.open")
+        .with_description("Connections open, by listener")
+        .with_callback(move |observer| {
+            for listener in LISTENERS {
+                observer.observe(
+                    connections.open_now(listener),
+                    &[KeyValue::new("listener", listener)],
+                );
+            }
+        })
+        .build();
+    let connections = sources.connections.clone();
+    meter
+        .u64_observable_counter("countersign.connections.refused")
+        .with_description("Connections refused by a listener, by reason (limit, descriptors)")
+        .with_callback(move |observer| {
+            for listener in LISTENERS {
+                for reason in Reason::REFUSED {
+                    observer.observe(
+                        connections.refused_total(listener, reason),
+                        &[
+                            KeyValue::new("listener", listener),
+                            KeyValue::new("reason", reason.as_str()),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+    let connections = sources.connections.clone();
+    meter
+        .u64_observable_counter("countersign.connections.closed")
+        .with_description("Connections the server closed, by reason (first_request_timeout, idle)")
+        .with_callback(move |observer| {
+            for listener in LISTENERS {
+                for reason in Reason::CLOSED {
+                    observer.observe(
+                        connections.closed_total(listener, reason),
+                        &[
+                            KeyValue::new("listener", listener),
+                            KeyValue::new("reason", reason.as_str()),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
     let lag_sources = sources.clone();
     meter
         .f64_observable_gauge("countersign.export.lag.age")
