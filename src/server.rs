@@ -22,12 +22,13 @@ use tonic::transport::Server;
 use tower::Layer as _;
 
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
+use crate::auth::AuthSettings;
 use crate::auth::{
     AuthConfigError, Authenticator, CredentialChain, DevelopmentIdentity, GuardLayer,
     JwtAuthenticator, MtlsAuthenticator, RateLimiter, Roles, StaticTokenAuthenticator,
     start_denial_recorder,
 };
-use crate::config::{AuthSettings, ServerConfig};
+use crate::config::ServerConfig;
 use crate::error_chain;
 use crate::ledger::follower::Progress;
 use crate::ledger::{ChainCheck, Ledger, LedgerError, LedgerOptions, ReplayReport};

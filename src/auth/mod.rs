@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod mtls;
 pub mod rate_limit;
 pub mod roles;
+mod settings;
 pub mod token;
 
 use tonic::{Request, Status};
@@ -32,6 +33,7 @@ pub use jwt::{JwtAuthenticator, JwtConfig, PublicKeyFile};
 pub use mtls::{IdentityEntry, MtlsAuthenticator, MtlsConfig};
 pub use rate_limit::{Budget, LimitObserver, Rate, RateLimiter, RateLimits};
 pub use roles::{Grants, RoleRefusal, Roles, RolesConfig};
+pub use settings::AuthSettings;
 pub use token::{StaticTokenAuthenticator, TokenConfig, TokenEntry, token_hash};
 
 use crate::domain::Principal;
