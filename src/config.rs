@@ -425,7 +425,7 @@ pub fn resolve(
             roles.validate().map_err(|problem| ConfigError::Invalid {
                 path: path.to_path_buf(),
                 field: "roles",
-                problem,
+                problem: problem.to_string(),
             })?;
             config.roles = roles;
         }
@@ -456,7 +456,7 @@ pub fn resolve(
         .map_err(|problem| ConfigError::Invalid {
             path: path.to_path_buf(),
             field: "notifications",
-            problem,
+            problem: problem.to_string(),
         })?;
         if let Some(tls) = file.tls {
             tls_cert = Some(config_dir(path).join(tls.cert));

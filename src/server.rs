@@ -67,8 +67,19 @@ pub enum ServeError {
     },
     #[error("the server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A start-up step run off the async workers (loading policies, opening the ledger)
+    /// or the serving task itself did not finish: it panicked or was cancelled.
     #[error("start-up was interrupted: {0}")]
-    Startup(String),
+    Interrupted(tokio::task::JoinError),
+    /// The serving task panicked or was cancelled while being waited for.
+    #[error("start-up was interrupted: the serving task failed: {0}")]
+    ServingTask(tokio::task::JoinError),
+    /// The reflection service could not be built from the embedded descriptor sets.
+    #[error("start-up was interrupted: reflection: {0}")]
+    Reflection(tonic_reflection::server::Error),
+    /// The process could not install its signal handlers.
+    #[error("start-up was interrupted: cannot handle signals: {0}")]
+    Signals(std::io::Error),
     #[error("telemetry: {0}")]
     Telemetry(#[from] crate::telemetry::export::ExportError),
     #[error(
@@ -158,7 +169,7 @@ impl RunningServer {
     pub async fn wait(self) -> Result<(), ServeError> {
         match self.task.await {
             Ok(result) => result,
-            Err(e) => Err(ServeError::Startup(format!("the serving task failed: {e}"))),
+            Err(e) => Err(ServeError::ServingTask(e)),
         }
     }
 
@@ -170,7 +181,7 @@ impl RunningServer {
         let shutdown = self.shutdown.take();
         tokio::select! {
             result = &mut self.task => {
-                return result.unwrap_or_else(|e| Err(ServeError::Startup(e.to_string())));
+                return result.unwrap_or_else(|e| Err(ServeError::Interrupted(e)));
             }
             () = signal => {}
         }
@@ -206,13 +217,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     };
     let roles = Arc::new(
         Roles::new(config.roles.clone())
-            .map_err(|problem| ServeError::Auth(AuthConfigError::Invalid(problem)))?,
+            .map_err(|problem| ServeError::Auth(AuthConfigError::Invalid(problem.to_string())))?,
     );
     // Loading compiles every rule on a thread of its own; keep it off the async workers.
     let policy_dir = config.policies.clone();
     let policies = tokio::task::spawn_blocking(move || PolicySet::load_dir(&policy_dir))
         .await
-        .map_err(|e| ServeError::Startup(e.to_string()))??;
+        .map_err(ServeError::Interrupted)??;
     tracing::info!(
         directory = %config.policies.display(),
         version = %policies.version(),
@@ -229,7 +240,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     };
     let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir, options))
         .await
-        .map_err(|e| ServeError::Startup(e.to_string()))??;
+        .map_err(ServeError::Interrupted)??;
     log_replay(&config, &replay);
 
     match &config.auth {
@@ -302,12 +313,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         }
     });
 
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+    let reflection_v1 = reflection().build_v1().map_err(ServeError::Reflection)?;
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+        .map_err(ServeError::Reflection)?;
 
     // Refusals are recorded by a task of their own, which holds the ledger until the last
     // guard is dropped with the router, so a graceful stop records the final summaries.
