@@ -5,7 +5,7 @@
 //!   thread with K callers at once, so the writer batches up to K checks per flush. The
 //!   time reported is per check.
 //!
-//! `cargo bench --bench event_log`. The flush (fsync) dominates: see the README's figures
+//! `cargo bench --bench event_log`. The flush (fsync) dominates: see docs/performance.md
 //! for this machine's disk.
 
 use std::sync::Arc;

@@ -15,7 +15,7 @@ use countersign::tls::trial;
 
 /// mimalloc instead of the system allocator: a CheckAction allocates hundreds of small
 /// objects across threads (request, JSON, events, record, answer), and glibc's malloc and
-/// free were a fifth of the server's CPU time under load (see docs/performance.md).
+/// free were a fifth of the server's CPU time under load (see docs/decisions/mimalloc-allocator.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
