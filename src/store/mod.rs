@@ -569,7 +569,9 @@ impl EventLog {
         }
         let head_record = codec::encode_head(head.sequence, &head.hash);
 
-        let committed: Result<(), TransactionError<u64>> =
+        // sled can panic on damaged pages it meets while writing: that is damage, and
+        // whether anything of the batch was written is unknown, as after a failed write.
+        let committed = guard::catching(|| -> Result<(), TransactionError<u64>> {
             (&self.events, &self.meta).transaction(|(tx_events, tx_meta)| {
                 for (key, value) in &values {
                     // Append-only, enforced: a key that is already taken means the log and the
@@ -582,7 +584,15 @@ impl EventLog {
                 }
                 tx_meta.insert(codec::HEAD_KEY, &head_record[..])?;
                 Ok(())
-            });
+            })
+        })
+        .unwrap_or_else(|panic| {
+            Err(TransactionError::Storage(sled::Error::Corruption {
+                at: None,
+                bt: (),
+            }))
+            .inspect_err(|_| tracing::error!(%panic, "sled panicked while appending"))
+        });
         match committed {
             Ok(()) => {}
             Err(TransactionError::Abort(taken)) => {
