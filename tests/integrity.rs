@@ -204,7 +204,7 @@ async fn a_checkpoint_beyond_the_end_of_the_log_refuses_writes() {
     server.stop().await;
     let log = server.data.path().join("log");
     // Only the checkpoint can show this loss.
-    std::fs::remove_file(log.join("head.witness")).unwrap();
+    let _ = std::fs::remove_file(log.join("head.witness"));
     cut_tail(&log, 5);
 
     server.restart().await;
@@ -271,7 +271,7 @@ async fn a_vote_rewritten_and_the_rest_rechained_is_caught_by_the_checkpoint() {
     allowed_then_approved(&server).await;
     server.stop().await;
     let log = server.data.path().join("log");
-    std::fs::remove_file(log.join("head.witness")).unwrap();
+    let _ = std::fs::remove_file(log.join("head.witness"));
     // Event 5: bob's vote, before the checkpoint's events end.
     rewrite_and_rechain(&log, 5, b"looks right", b"looks wrong");
 

@@ -49,9 +49,20 @@ pub(crate) fn catching<T>(call: impl FnOnce() -> T) -> Result<T, String> {
             .with(|caught| caught.borrow_mut().take())
             .map_or_else(
                 || "sled panicked".to_owned(),
-                |m| format!("sled panicked: {m}"),
+                |m| format!("sled panicked: {}", one_line(&m)),
             )
     })
+}
+
+/// sled's panic messages can span lines and dump whole structures: one line, cut short,
+/// so a start-up error stays one line a person reads.
+fn one_line(message: &str) -> String {
+    const MAX_CHARS: usize = 300;
+    let flat = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
+    }
 }
 
 #[cfg(test)]
@@ -66,5 +77,13 @@ mod tests {
             Err("sled panicked: tried to serialize Uninitialized".to_owned())
         );
         assert_eq!(catching(|| 7), Ok(7));
+    }
+
+    #[test]
+    fn a_long_message_over_several_lines_becomes_one_short_line() {
+        let caught =
+            catching(|| -> u32 { panic!("left: 1\n  right: {}", "x".repeat(1000)) }).unwrap_err();
+        assert!(!caught.contains('\n'), "{caught}");
+        assert!(caught.chars().count() < 340, "{caught}");
     }
 }
