@@ -2,7 +2,10 @@
 //!
 //! - `event_log/append/N`: one `EventLog::append` of N events (one transaction, one flush,
 //!   the head witness);
-//! - `event_log/witness_record`: the head witness alone (what each batch pays for it);
+//! - `event_log/witness_record`: the head witness alone, as each batch pays for it (one
+//!   `pwrite`; its `fdatasync` runs at most once a second on a thread of its own);
+//! - `event_log/witness_record_durably`: the same with an `fdatasync`, what a sync per
+//!   batch would cost;
 //! - `ledger/record_check/in_flight=K`: CheckAction's recording through the ledger's writer
 //!   thread with K callers at once, so the writer batches up to K checks per flush. The
 //!   time reported is per check.
@@ -63,7 +66,8 @@ fn appends(c: &mut Criterion) {
 }
 
 /// The head witness alone: what every group commit pays on top of sled's flush and
-/// fdatasync (one 64-byte `pwrite` at offset 0 of a preallocated file, then `fdatasync`).
+/// fdatasync (one 64-byte `pwrite` at offset 0 of a preallocated file), and what an
+/// `fdatasync` per batch would add.
 fn witness(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let witness = Witness::open(dir.path()).unwrap();
@@ -72,6 +76,12 @@ fn witness(c: &mut Criterion) {
         b.iter(|| {
             sequence += 1;
             witness.record(sequence, &[7; 32]).unwrap()
+        })
+    });
+    c.bench_function("event_log/witness_record_durably", |b| {
+        b.iter(|| {
+            sequence += 1;
+            witness.record_durably(sequence, &[7; 32]).unwrap()
         })
     });
 }

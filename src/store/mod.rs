@@ -492,7 +492,7 @@ impl EventLog {
             };
             if evidence.witness != witnessed {
                 witness
-                    .record(head.sequence, &head.hash)
+                    .record_durably(head.sequence, &head.hash)
                     .map_err(|e| open_err(sled::Error::Io(e)))?;
             }
         }
@@ -622,7 +622,8 @@ impl EventLog {
             return Err(StoreError::Write(e));
         }
         // Only once the batch is durable, and before anyone hears of it: the witness never
-        // names an event a crash could take back, and names every acknowledged one.
+        // names an event a crash could take back, and names every acknowledged one (in the
+        // page cache at once, on disk within `witness::SYNC_EVERY`).
         if let Err(e) = self.witness.record(head.sequence, &head.hash) {
             writer.refused = Some(format!(
                 "recording the head witness ({}) at event {} failed ({e}); without it a later \
