@@ -34,8 +34,13 @@
 //! append's flush. Tree `meta`, key `checkpoint`:
 //! `event sequence (8 bytes big-endian) || covers (8 bytes big-endian)`, the newest checkpoint
 //! and the event of the chain that vouches for it (it carries the checkpoint's digest). Both
-//! are outside the chain: this module stores the bytes and never interprets them, and a
-//! checkpoint that is missing or does not match its event only costs a longer start-up.
+//! are outside the chain: this module stores the bytes and never interprets them (the ledger
+//! does, see `ledger::checkpoint`). Their names and the record are evidence of how far the
+//! log went, compared with its end at open (see [`evidence`]).
+//!
+//! File `head.witness` beside sled's: the last durable event's sequence and hash, written
+//! after every batch (see [`witness`]), outside sled so that sled's recovery cutting its own
+//! log cannot take it along.
 //!
 //! A test can tamper with a stopped server's data directory through sled itself (once the server
 //! process has exited, which releases sled's lock): `sled::open(dir)?.open_tree("events")?`, get
