@@ -336,9 +336,25 @@ async fn single_byte_corruption_sweep() {
 }
 
 /// Offsets of sled's `db` file, in a log of 25,000 events written by `bench fill-log`, where
-/// one flipped byte makes sled 0.34 panic while opening (`insert_pid specified lsn … in
-/// segment …`, found by sweeping such a log).
+/// one flipped byte made sled 0.34 panic while opening (`tried to serialize Uninitialized`,
+/// found by sweeping such a log). The layout depends on how the writes were batched, so
+/// these are tried first, then every `SEARCH_STRIDE` bytes.
 const PANICKING_AT_OPEN: [u64; 5] = [3_220_014, 3_450_015, 5_290_023, 5_520_024, 5_750_025];
+const SEARCH_STRIDE: u64 = 230_001;
+
+/// A copy of `log` with byte `at` of `db` flipped.
+fn flipped_copy(log: &Path, at: u64) -> tempfile::TempDir {
+    let scratch = tempfile::tempdir().unwrap();
+    let copy = scratch.path().join("log");
+    copy_dir(log, &copy);
+    let db = copy.join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    if let Some(byte) = bytes.get_mut(at as usize) {
+        *byte ^= 0xff;
+    }
+    std::fs::write(&db, bytes).unwrap();
+    scratch
+}
 
 /// sled panicking on damaged files at start-up: one line naming the data directory and the
 /// damage, exit 2, never a panic trace.
@@ -354,40 +370,41 @@ async fn sled_panicking_at_open_is_one_line_naming_the_data_directory() {
         .output()
         .unwrap();
     assert!(filled.status.success(), "{filled:?}");
-    let mut damaged_at_open = 0;
-    for at in PANICKING_AT_OPEN {
-        let scratch = tempfile::tempdir().unwrap();
-        let copy = scratch.path().join("log");
-        copy_dir(&log, &copy);
-        let db = copy.join("db");
-        let mut bytes = std::fs::read(&db).unwrap();
-        bytes[at as usize] ^= 0xff;
-        std::fs::write(&db, bytes).unwrap();
-        let started = tokio::task::spawn_blocking(move || serve(&copy))
-            .await
-            .unwrap();
-        let Started::Exited(code, logs) = started else {
-            eprintln!("byte {at}: started");
-            // This flip landed elsewhere in this run's layout; it must still not be silent,
-            // which the sweep checks.
-            continue;
-        };
-        assert!(!logs.contains("panicked at"), "a panic trace:\n{logs}");
-        assert!(!logs.contains("backtrace"), "a panic trace:\n{logs}");
-        let last = logs.trim_end().lines().last().unwrap_or_default();
-        eprintln!("byte {at}: {last}");
-        assert_eq!(code, Some(2), "{logs}");
-        let expected = format!(
-            "the event log at {} is damaged (",
-            scratch.path().join("log").display()
-        );
-        assert!(last.starts_with("countersign: "), "{last}");
-        assert!(last.contains(&expected), "{last}");
-        damaged_at_open += 1;
+    let len = std::fs::metadata(log.join("db")).unwrap().len();
+    // Found by opening the store in this process (quick: no replay), where the panic
+    // must come back as an error too.
+    let candidates = PANICKING_AT_OPEN
+        .into_iter()
+        .chain((0..len).step_by(SEARCH_STRIDE as usize));
+    let mut found = None;
+    for at in candidates {
+        let scratch = flipped_copy(&log, at);
+        let opened = countersign::store::EventLog::open(&scratch.path().join("log"));
+        if let Err(countersign::store::StoreError::Damaged { detail, .. }) = &opened
+            && detail.starts_with("sled panicked")
+        {
+            found = Some((at, scratch));
+            break;
+        }
     }
-    eprintln!(
-        "{damaged_at_open} of {} flips stopped start-up",
-        PANICKING_AT_OPEN.len()
+    let Some((at, scratch)) = found else {
+        panic!("no flip made sled panic at open in this log's layout");
+    };
+    let copy = scratch.path().join("log");
+    let started = tokio::task::spawn_blocking(move || serve(&copy))
+        .await
+        .unwrap();
+    let Started::Exited(code, logs) = started else {
+        panic!("byte {at}: the server started on a log sled cannot open");
+    };
+    assert!(!logs.contains("panicked at"), "a panic trace:\n{logs}");
+    assert!(!logs.contains("backtrace"), "a panic trace:\n{logs}");
+    assert_eq!(code, Some(2), "{logs}");
+    let last = logs.trim_end().lines().last().unwrap_or_default();
+    let expected = format!(
+        "the event log at {} is damaged (sled panicked: ",
+        scratch.path().join("log").display()
     );
-    assert!(damaged_at_open > 0, "no flip made sled refuse to open");
+    assert!(last.starts_with("countersign: "), "{last}");
+    assert!(last.contains(&expected), "{last}");
 }
