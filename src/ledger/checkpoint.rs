@@ -48,7 +48,7 @@ const FORMAT: u32 = 1;
 
 /// Save a checkpoint every this many events unless configured otherwise. Start-up after a
 /// crash replays at most this many events on top of the newest checkpoint (50,707 took
-/// 0.47–0.85 s on the README's 2-core machine); a clean stop saves one at the head.
+/// 0.47–0.85 s on the 2-core machine of docs/performance.md); a clean stop saves one at the head.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 100_000;
 
 /// The payload of `log.checkpointed`.
