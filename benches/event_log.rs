@@ -1,11 +1,16 @@
 //! Event-log appends with group commit, on real sled directories in a temp dir:
 //!
-//! - `event_log/append/N`: one `EventLog::append` of N events (one transaction, one flush);
+//! - `event_log/append/N`: one `EventLog::append` of N events (one transaction, one flush,
+//!   the head witness);
+//! - `event_log/witness_record`: the head witness alone, as each batch pays for it (one
+//!   `pwrite`; its `fdatasync` runs at most once a second on a thread of its own);
+//! - `event_log/witness_record_durably`: the same with an `fdatasync`, what a sync per
+//!   batch would cost;
 //! - `ledger/record_check/in_flight=K`: CheckAction's recording through the ledger's writer
 //!   thread with K callers at once, so the writer batches up to K checks per flush. The
 //!   time reported is per check.
 //!
-//! `cargo bench --bench event_log`. The flush (fsync) dominates: see the README's figures
+//! `cargo bench --bench event_log`. The flush (fsync) dominates: see docs/performance.md
 //! for this machine's disk.
 
 use std::sync::Arc;
@@ -15,6 +20,7 @@ use chrono::Utc;
 use countersign::bench::{CheckPath, sample_check};
 use countersign::ledger::{Ledger, LedgerOptions};
 use countersign::policy::PolicySet;
+use countersign::store::witness::Witness;
 use countersign::store::{EventLog, NewEvent};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
@@ -57,6 +63,27 @@ fn appends(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// The head witness alone: what every group commit pays on top of sled's flush and
+/// fdatasync (one 64-byte `pwrite` at offset 0 of a preallocated file), and what an
+/// `fdatasync` per batch would add.
+fn witness(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let witness = Witness::open(dir.path()).unwrap();
+    let mut sequence = 0u64;
+    c.bench_function("event_log/witness_record", |b| {
+        b.iter(|| {
+            sequence += 1;
+            witness.record(sequence, &[7; 32]).unwrap()
+        })
+    });
+    c.bench_function("event_log/witness_record_durably", |b| {
+        b.iter(|| {
+            sequence += 1;
+            witness.record_durably(sequence, &[7; 32]).unwrap()
+        })
+    });
 }
 
 fn record_checks(c: &mut Criterion) {
@@ -114,5 +141,5 @@ fn record_checks(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, appends, record_checks);
+criterion_group!(benches, appends, witness, record_checks);
 criterion_main!(benches);

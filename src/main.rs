@@ -15,7 +15,7 @@ use countersign::tls::trial;
 
 /// mimalloc instead of the system allocator: a CheckAction allocates hundreds of small
 /// objects across threads (request, JSON, events, record, answer), and glibc's malloc and
-/// free were a fifth of the server's CPU time under load (see docs/performance.md).
+/// free were a fifth of the server's CPU time under load (see docs/decisions/mimalloc-allocator.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -39,11 +39,35 @@ enum Command {
     /// Read a static API token from stdin and print the SHA-256 to put in
     /// `[[auth.tokens.tokens]] sha256` (generate one with `openssl rand -base64 32`).
     TokenHash,
+    /// Operate on a stopped server's event log (accept a known loss of events).
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Measure a running server (load, baseline, review loop) or start-up on a large log.
     Bench(countersign::bench::BenchArgs),
     /// FOR TRIALS ONLY: write a throwaway CA, a server certificate for localhost and two
     /// client certificates, and print the [tls] and [auth.mtls] config that uses them.
     TrialCerts(TrialCertsArgs),
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Accept a loss of events the server refuses to write over ("the log ends at N but
+    /// ..."), once no backup holds them: records the acceptance as an event where the loss
+    /// is and marks every lost number, so writes continue after them. Stop the server first.
+    AcceptLoss(AcceptLossArgs),
+}
+
+#[derive(Args)]
+struct AcceptLossArgs {
+    /// The stopped server's data directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// The last lost sequence number: at least the furthest the server's message names.
+    #[arg(long, value_name = "SEQ")]
+    through: u64,
+    /// Why the loss is accepted (recorded in the log), e.g. a ticket reference.
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
 }
 
 #[derive(Args)]
@@ -125,6 +149,7 @@ fn main() -> ExitCode {
         Command::Review(args) => cli::run(args),
         Command::TokenHash => token_hash(),
         Command::Bench(args) => countersign::bench::run(args),
+        Command::Log(LogCommand::AcceptLoss(args)) => accept_loss(args),
         Command::TrialCerts(args) => trial_certs(args),
     }
 }
@@ -250,6 +275,33 @@ fn serve(args: ServeArgs) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// `countersign log accept-loss`: the acceptance, recorded, and what it did on stdout.
+fn accept_loss(args: AcceptLossArgs) -> ExitCode {
+    // Recorded as the acceptance's actor: the account that ran the command.
+    let operator = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    match countersign::ledger::loss::accept_loss(
+        &args.data_dir,
+        args.through,
+        &args.reason,
+        &operator,
+    ) {
+        Ok(accepted) => {
+            println!(
+                "accepted the loss of events {} to {} in {} (recorded as event {}); it showed: {}",
+                accepted.lost_from,
+                accepted.lost_through,
+                args.data_dir.display(),
+                accepted.lost_from,
+                accepted.evidence
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => fail(&e),
     }
 }

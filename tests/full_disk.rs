@@ -109,6 +109,31 @@ async fn a_full_disk_makes_checks_unavailable_and_loses_nothing_recorded() {
         ServingStatus::NotServing
     );
 
+    // VerifyLog cannot read the log now: that is UNAVAILABLE, not a finding an auditor
+    // would read as tampering.
+    let mut audit =
+        AuditServiceClient::with_interceptor(channel.clone(), Caller::human("auditor", "auditors"));
+    match audit.verify_log(proto::VerifyLogRequest {}).await {
+        Ok(report) => {
+            let report = report.into_inner();
+            assert!(
+                report.ok,
+                "a full disk reported as a verification failure: {report:?}"
+            );
+        }
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(
+                status
+                    .message()
+                    .contains("says nothing about its integrity"),
+                "{}",
+                status.message()
+            );
+        }
+    }
+    drop(audit);
+
     // What was recorded before is still there and still verifies.
     let mut review = ReviewServiceClient::with_interceptor(channel.clone(), agent);
     for earlier in &allowed {

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Core, convert, status, validate};
 use crate::auth;
+use crate::ledger::LedgerError;
 use crate::proto;
 use crate::proto::audit_service_server::AuditService;
 
@@ -68,9 +69,17 @@ impl AuditService for AuditApi {
         let principal = auth::principal(&request)?;
         let log = self.core.ledger.log().clone();
         // Re-hashing the whole log is long and blocking; keep it off the async workers.
+        // A read that fails (a full disk, an I/O error) is UNAVAILABLE, not a finding: it
+        // says nothing about the evidence, and the next call may succeed.
         let report = tokio::task::spawn_blocking(move || log.verify())
             .await
-            .map_err(|e| Status::internal(format!("log verification did not finish: {e}")))?;
+            .map_err(|e| Status::internal(format!("log verification did not finish: {e}")))?
+            .map_err(|e| {
+                tracing::warn!(requested_by = %principal.id, error = %e, "event log verification could not read the log");
+                status::ledger(LedgerError::ReadFailed(format!(
+                    "verification could not read the log, which says nothing about its integrity: {e}"
+                )))
+            })?;
         tracing::info!(
             requested_by = %principal.id,
             ok = report.ok,

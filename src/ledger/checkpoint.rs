@@ -13,7 +13,9 @@
 //! the bytes are checked against its digest, and the state is restored; the ledger then
 //! replays the events after it with every link checked, the vouching event among them. A
 //! checkpoint that is missing, damaged or of another format only costs time: start-up
-//! replays the whole log instead.
+//! replays the whole log instead. A log that contradicts its checkpoint (the event that
+//! vouches for it, or the one it was taken after, missing or different) is another matter:
+//! the log lost or changed events, and the ledger refuses writes as for a failed verification.
 //!
 //! Format 1: the eight bytes `CSCKPT\0\x01`, then [`crate::workflow::record::SnapshotOf`]
 //! and the events of the actions pending at the checkpoint (`Vec<(sequence, stored bytes)>`),
@@ -46,7 +48,7 @@ const FORMAT: u32 = 1;
 
 /// Save a checkpoint every this many events unless configured otherwise. Start-up after a
 /// crash replays at most this many events on top of the newest checkpoint (50,707 took
-/// 0.47–0.85 s on the README's 2-core machine); a clean stop saves one at the head.
+/// 0.47–0.85 s on the 2-core machine of docs/performance.md); a clean stop saves one at the head.
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 100_000;
 
 /// The payload of `log.checkpointed`.
@@ -74,6 +76,17 @@ pub enum CheckpointError {
     Ledger(#[from] LedgerError),
     #[error("event {0}, which the state includes, is not in the log")]
     Missing(u64),
+    /// The log contradicts the checkpoint: events it was taken after, or the event that
+    /// vouches for it, are missing or are no longer the ones they were. That is a log that
+    /// lost events or was rewritten, not a damaged checkpoint.
+    #[error(
+        "the log contradicts the checkpoint of events up to {covers} (vouched for by event {event}): {problem}"
+    )]
+    Contradicted {
+        covers: u64,
+        event: u64,
+        problem: String,
+    },
     #[error("checkpoint of events up to {covers}, vouched for by event {event}: {problem}")]
     Unusable {
         covers: u64,
@@ -230,9 +243,17 @@ pub fn load(log: &EventLog, hot_limit: usize) -> Result<Option<Restored>, Checkp
         event,
         problem,
     };
-    let vouching = log
-        .get(event)?
-        .ok_or_else(|| unusable("the event is not in the log".into()))?;
+    let contradicted = |problem: String| CheckpointError::Contradicted {
+        covers,
+        event,
+        problem,
+    };
+    let vouching = log.get(event)?.ok_or_else(|| {
+        contradicted(format!(
+            "the event is not in the log, which ends at {}",
+            log.last_sequence()
+        ))
+    })?;
     if vouching.kind != CHECKPOINTED || vouching.action_id.is_some() || event <= covers {
         return Err(unusable(format!(
             "event {event} is {}, not the checkpoint's",
@@ -249,12 +270,13 @@ pub fn load(log: &EventLog, hot_limit: usize) -> Result<Option<Restored>, Checkp
     }
     let covers_hash = log
         .get(covers)?
-        .ok_or_else(|| unusable("the event it covers is not in the log".into()))?
+        .ok_or_else(|| contradicted("the event it covers is not in the log".into()))?
         .hash;
     if hex::encode(covers_hash) != claims.covers_hash {
-        return Err(unusable(
-            "the event it covers is not the one it was taken after".into(),
-        ));
+        return Err(contradicted(format!(
+            "event {covers} is not the one it was taken after: the log was rewritten at or \
+             before it"
+        )));
     }
     let bytes = log
         .checkpoint(covers, claims.bytes)

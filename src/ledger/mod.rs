@@ -21,6 +21,7 @@
 mod checkpoint;
 mod expiry;
 pub mod follower;
+pub mod loss;
 mod waiters;
 mod writer;
 
@@ -392,14 +393,21 @@ impl Ledger {
         let open_took = started.elapsed();
 
         // Only a start from a checkpoint needs this: a whole-log replay verifies as it reads.
-        let from_a_checkpoint =
-            checkpoint_every > 0 && matches!(log.current_checkpoint(), Ok(Some(_)));
-        let upfront = (verify_before_serving && from_a_checkpoint).then(|| log.verify());
+        let from_checkpoint_record = log.current_checkpoint().ok().flatten();
+        let from_a_checkpoint = checkpoint_every > 0 && from_checkpoint_record.is_some();
+        let upfront = (verify_before_serving && from_a_checkpoint)
+            .then(|| log.verify())
+            .transpose()?;
         let mut checkpoint_problem = None;
+        // The log contradicts its checkpoint: events were lost or rewritten (see checkpoint.rs).
+        let mut contradiction = None;
         let restored = match &upfront {
             Some(report) if !report.ok => None,
             _ if checkpoint_every == 0 => None,
             _ => checkpoint::load(&log, settled_in_memory).unwrap_or_else(|e| {
+                if let checkpoint::CheckpointError::Contradicted { .. } = e {
+                    contradiction = Some(e.to_string());
+                }
                 checkpoint_problem = Some(e.to_string());
                 None
             }),
@@ -435,7 +443,10 @@ impl Ledger {
             None => {
                 // The slow path: verify and walk event by event, which locates the problem.
                 actions = Actions::with_hot_limit(settled_in_memory);
-                let verification = upfront.clone().unwrap_or_else(|| log.verify());
+                let verification = match upfront.clone() {
+                    Some(verification) => verification,
+                    None => log.verify()?,
+                };
                 let mut integrity_problem =
                     verification.problem.clone().filter(|_| !verification.ok);
                 for stored in log.iter_from(1) {
@@ -450,6 +461,19 @@ impl Ledger {
                 (verification, integrity_problem)
             }
         };
+        // The log itself may verify, a valid but shorter or rewritten chain: the checkpoint's
+        // contradiction is the evidence, and the auditor's report says so too.
+        let (mut verification, mut integrity_problem) = (verification, integrity_problem);
+        if let Some(problem) = contradiction.filter(|_| integrity_problem.is_none()) {
+            let first_bad = match from_checkpoint_record {
+                Some(record) if record.event > log.last_sequence() => log.last_sequence() + 1,
+                Some(record) => record.covers,
+                None => log.last_sequence() + 1,
+            };
+            log.record_contradiction(first_bad, &problem);
+            verification = log.verify()?;
+            integrity_problem = Some(problem);
+        }
 
         let health = Arc::new(Health::new());
         if let Some(problem) = &integrity_problem {
@@ -945,10 +969,27 @@ fn fast_replay(
 
 /// Verifies the whole chain after a start from a checkpoint; a chain that fails makes the
 /// ledger refuse writes, as if it had failed before serving.
+///
+/// A read that fails (an I/O error) is no finding: it is logged and the verification tried
+/// again every [`VERIFY_RETRY`] until it can read the log, reads of older records waiting
+/// meanwhile as while it runs.
 fn verify_after_start(log: &EventLog, health: &Health, chain: &ChainGate, stop: &AtomicBool) {
     let started = std::time::Instant::now();
-    let Some(report) = log.verify_unless(stop) else {
-        return;
+    let report = loop {
+        match log.verify_unless(stop) {
+            None => return,
+            Some(Ok(report)) => break report,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the event log could not be read to verify it; trying again");
+                let until = std::time::Instant::now() + VERIFY_RETRY;
+                while std::time::Instant::now() < until {
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
     };
     let took_ms = started.elapsed().as_millis() as u64;
     match report.problem.filter(|_| !report.ok) {
@@ -973,6 +1014,9 @@ fn verify_after_start(log: &EventLog, health: &Health, chain: &ChainGate, stop: 
         }
     }
 }
+
+/// How long the verification after start-up waits before trying again to read the log.
+const VERIFY_RETRY: Duration = Duration::from_secs(1);
 
 /// Events decoded whole at start-up per settled record kept in memory: an action has two
 /// to four events, so the newest `settled_in_memory` settled actions are all among them.

@@ -58,7 +58,7 @@ async fn an_event_the_log_cannot_store_is_refused_alone() -> TestResult {
         }
     }
     assert_eq!(ledger.write_refusal().map(|e| e.to_string()), None);
-    assert!(ledger.log().verify().ok);
+    assert!(ledger.log().verify()?.ok);
     assert_eq!(ledger.log().last_sequence(), 20 * 7 * 2);
     Ok(())
 }

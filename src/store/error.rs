@@ -17,6 +17,15 @@ pub enum StoreError {
         hint: &'static str,
         error: sled::Error,
     },
+    /// sled's own files are damaged (it reported corruption, or panicked reading them).
+    #[error(
+        "the event log at {} is damaged ({detail}); restore the data directory from a backup and keep the damaged copy for investigation",
+        path.display()
+    )]
+    Damaged { path: PathBuf, detail: String },
+    /// A loss of events cannot be accepted as asked; nothing was written.
+    #[error("cannot accept the loss: {0}")]
+    Acceptance(String),
     /// A batch could not be written or made durable. Nothing more is accepted afterwards.
     #[error("writing to the event log failed: {0}")]
     Write(sled::Error),

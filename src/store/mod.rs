@@ -34,8 +34,13 @@
 //! append's flush. Tree `meta`, key `checkpoint`:
 //! `event sequence (8 bytes big-endian) || covers (8 bytes big-endian)`, the newest checkpoint
 //! and the event of the chain that vouches for it (it carries the checkpoint's digest). Both
-//! are outside the chain: this module stores the bytes and never interprets them, and a
-//! checkpoint that is missing or does not match its event only costs a longer start-up.
+//! are outside the chain: this module stores the bytes and never interprets them (the ledger
+//! does, see `ledger::checkpoint`). Their names and the record are evidence of how far the
+//! log went, compared with its end at open (see [`evidence`]).
+//!
+//! File `head.witness` beside sled's: the last durable event's sequence and hash, written
+//! after every batch (see [`witness`]), outside sled so that sled's recovery cutting its own
+//! log cannot take it along.
 //!
 //! A test can tamper with a stopped server's data directory through sled itself (once the server
 //! process has exited, which releases sled's lock): `sled::open(dir)?.open_tree("events")?`, get
@@ -80,8 +85,11 @@
 mod chain;
 mod codec;
 mod error;
+mod evidence;
+mod guard;
 #[cfg(test)]
 mod tests;
+pub mod witness;
 
 use std::ops::Bound;
 use std::path::Path;
@@ -96,6 +104,9 @@ use uuid::Uuid;
 use chain::{Chain, Problem};
 use codec::HASH_LEN;
 pub use error::StoreError;
+pub use evidence::grouped;
+use evidence::{Evidence, Loss};
+use witness::{Witness, Witnessed};
 
 /// An event as the caller hands it in; the log assigns its sequence and hashes.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +210,27 @@ fn checkpoint_write_error(covers: u64, error: &std::io::Error) -> StoreError {
     )))
 }
 
+/// A loss of events found at open (see [`EventLog::lost`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostEvents {
+    /// The first sequence the log no longer holds (or the event found changed).
+    pub from: u64,
+    /// The furthest sequence the evidence shows the log reached (0 when unknown).
+    pub reached: u64,
+    /// What is missing, in words an operator can act on.
+    pub problem: String,
+}
+
+/// Events appended at once when a loss is accepted.
+const ACCEPT_LOSS_BATCH: usize = 4096;
+
+/// At most this many numbers are marked lost at once: enough for the events between two
+/// checkpoints many times over, and a typo in `--through` cannot fill the disk.
+const MAX_ACCEPTED_LOSS: u64 = 10_000_000;
+
+/// Where checkpoints from beyond a lost end are kept after the loss is accepted.
+const LOST_CHECKPOINT_DIR: &str = "lost-checkpoints";
+
 /// A checkpoint of the ledger's state: the events it includes (up to `covers`), and the
 /// event of the chain that vouches for its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +292,15 @@ pub struct EventLog {
     mismatch: Option<Problem>,
     /// The head record as read at open, compared with the log by `verify` after a mismatch.
     recorded_at_open: Result<Option<(u64, [u8; HASH_LEN])>, String>,
+    /// Set at open when something durable shows the log once went further than it does now,
+    /// or was changed where the head witness saw it (see [`evidence`]). Appends are refused
+    /// (new events would take the lost events' numbers) and `verify` reports it, until an
+    /// operator accepts the loss ([`EventLog::accept_loss`]).
+    loss: Mutex<Option<Loss>>,
+    /// The head witness, written after every durable batch (see [`witness`]).
+    witness: Witness,
+    /// The data directory, named in messages about damage.
+    dir: std::path::PathBuf,
     /// sled's data file, opened again only to `fdatasync` it. On Linux sled 0.34's flush
     /// ends in `sync_file_range`, which neither flushes the disk's write cache nor persists
     /// the file's growing size; sled itself fsyncs only every 500 ms. An answer that says
@@ -353,11 +394,29 @@ impl EventLog {
     ///
     /// A log whose stored events disagree with the head record still opens: [`EventLog::verify`]
     /// reports the problem and the caller decides. Appends to such a log are refused.
+    ///
+    /// sled's own files found damaged (it reports corruption, or panics reading them) is
+    /// [`StoreError::Damaged`], never a panic.
     pub fn open(dir: &Path) -> Result<EventLog, StoreError> {
-        let open_err = |error: sled::Error| StoreError::Open {
-            path: dir.to_path_buf(),
-            hint: open_hint(&error),
-            error,
+        guard::catching(|| Self::open_unguarded(dir)).unwrap_or_else(|panic| {
+            Err(StoreError::Damaged {
+                path: dir.to_path_buf(),
+                detail: panic,
+            })
+        })
+    }
+
+    fn open_unguarded(dir: &Path) -> Result<EventLog, StoreError> {
+        let open_err = |error: sled::Error| match error {
+            sled::Error::Corruption { .. } => StoreError::Damaged {
+                path: dir.to_path_buf(),
+                detail: error.to_string(),
+            },
+            error => StoreError::Open {
+                path: dir.to_path_buf(),
+                hint: open_hint(&error),
+                error,
+            },
         };
         let db = open_sled(dir).map_err(open_err)?;
         let events = db.open_tree("events").map_err(open_err)?;
@@ -423,13 +482,42 @@ impl EventLog {
             },
             _ => Head::EMPTY,
         };
-        let refused = mismatch.as_ref().map(|p| {
-            format!(
+        let ends_at = match &last {
+            Some((key, _)) => codec::decode_key(key).unwrap_or(0),
+            None => 0,
+        };
+        let evidence = gather_evidence(dir, &meta, &cursors).map_err(open_err)?;
+        let loss = match &mismatch {
+            Some(_) => None,
+            None => evidence.check(ends_at, |sequence| {
+                events
+                    .get(sequence.to_be_bytes())
+                    .ok()
+                    .flatten()
+                    .and_then(|value| value.first_chunk::<HASH_LEN>().copied())
+            }),
+        };
+        let witness = Witness::open(dir).map_err(|e| open_err(sled::Error::Io(e)))?;
+        if mismatch.is_none() && loss.is_none() && head.sequence > 0 {
+            let witnessed = Witnessed::Head {
+                sequence: head.sequence,
+                hash: head.hash,
+            };
+            if evidence.witness != witnessed {
+                witness
+                    .record_durably(head.sequence, &head.hash)
+                    .map_err(|e| open_err(sled::Error::Io(e)))?;
+            }
+        }
+        let refused = match (&mismatch, &loss) {
+            (Some(p), _) => Some(format!(
                 "the stored log does not match its head record ({}); run verify and investigate \
                  before writing to it",
                 p.message
-            )
-        });
+            )),
+            (None, Some(loss)) => Some(loss.problem.message.clone()),
+            (None, None) => None,
+        };
         Ok(EventLog {
             db,
             events,
@@ -446,6 +534,9 @@ impl EventLog {
             durable: RwLock::new(head),
             mismatch,
             recorded_at_open: recorded,
+            loss: Mutex::new(loss),
+            witness,
+            dir: dir.to_path_buf(),
             data_file,
             blobs,
         })
@@ -491,7 +582,9 @@ impl EventLog {
         }
         let head_record = codec::encode_head(head.sequence, &head.hash);
 
-        let committed: Result<(), TransactionError<u64>> =
+        // sled can panic on damaged pages it meets while writing: that is damage, and
+        // whether anything of the batch was written is unknown, as after a failed write.
+        let committed = guard::catching(|| -> Result<(), TransactionError<u64>> {
             (&self.events, &self.meta).transaction(|(tx_events, tx_meta)| {
                 for (key, value) in &values {
                     // Append-only, enforced: a key that is already taken means the log and the
@@ -504,7 +597,15 @@ impl EventLog {
                 }
                 tx_meta.insert(codec::HEAD_KEY, &head_record[..])?;
                 Ok(())
-            });
+            })
+        })
+        .unwrap_or_else(|panic| {
+            Err(TransactionError::Storage(sled::Error::Corruption {
+                at: None,
+                bt: (),
+            }))
+            .inspect_err(|_| tracing::error!(%panic, "sled panicked while appending"))
+        });
         match committed {
             Ok(()) => {}
             Err(TransactionError::Abort(taken)) => {
@@ -533,8 +634,174 @@ impl EventLog {
             ));
             return Err(StoreError::Write(e));
         }
+        // Only once the batch is durable, and before anyone hears of it: the witness never
+        // names an event a crash could take back, and names every acknowledged one (in the
+        // page cache at once, on disk within `witness::SYNC_EVERY`).
+        if let Err(e) = self.witness.record(head.sequence, &head.hash) {
+            writer.refused = Some(format!(
+                "recording the head witness ({}) at event {} failed ({e}); without it a later \
+                 loss of events could go unseen; restart the server once the cause is fixed",
+                self.witness.path().display(),
+                head.sequence
+            ));
+            return Err(StoreError::Write(sled::Error::Io(e)));
+        }
         *self.durable.write().unwrap_or_else(PoisonError::into_inner) = head;
         Ok(stored)
+    }
+
+    /// What start-up found missing, if the log lost its end or was changed where the head
+    /// witness saw it (see [`evidence`]): appends are refused until it is accepted.
+    pub fn lost(&self) -> Option<LostEvents> {
+        self.loss().map(|loss| LostEvents {
+            from: loss.problem.sequence,
+            reached: loss.reached,
+            problem: loss.problem.message,
+        })
+    }
+
+    /// Records a problem found beside the chain (the ledger's checkpoint contradicting the
+    /// log at `sequence`): from now on appends are refused and `verify` reports it, as for
+    /// a loss found at open.
+    pub fn record_contradiction(&self, sequence: u64, problem: &str) {
+        let mut loss = self.loss.lock().unwrap_or_else(PoisonError::into_inner);
+        loss.get_or_insert_with(|| Loss {
+            problem: Problem {
+                sequence,
+                message: problem.to_owned(),
+            },
+            reached: 0,
+        });
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .refused
+            .get_or_insert_with(|| problem.to_owned());
+    }
+
+    /// Accepts a loss [`EventLog::lost`] reports, for an operator who decided to continue
+    /// without the lost events (`countersign log accept-loss`). Appends `first` (the record
+    /// of the acceptance) right after the last stored event, then `marker(sequence)` for
+    /// every further number up to `through`: every number the lost events had, and any the
+    /// evidence shows was reached, now names an event that says it was lost, so a number
+    /// is never given to a different event without a record, and new events continue
+    /// after `through`. Checkpoints from beyond the surviving log are moved to
+    /// `lost-checkpoints/` (kept for investigation, never used) and the record of the
+    /// newest is dropped if it names a lost event. Returns the new head.
+    ///
+    /// Refused unless the chain up to the last stored event verifies, and unless `through`
+    /// reaches everything the evidence shows.
+    pub fn accept_loss(
+        &self,
+        through: u64,
+        first: NewEvent,
+        mut marker: impl FnMut(u64) -> NewEvent,
+    ) -> Result<u64, StoreError> {
+        let Some(loss) = self.loss() else {
+            return Err(StoreError::Acceptance(
+                "nothing shows a loss: the log reaches every checkpoint, cursor and the head \
+                 witness"
+                    .into(),
+            ));
+        };
+        if self.mismatch.is_some() {
+            return Err(StoreError::Acceptance(
+                "the stored log does not match its head record; that is not a lost end".into(),
+            ));
+        }
+        let ends_at = self.last_sequence();
+        if loss.problem.sequence != ends_at + 1 {
+            return Err(StoreError::Acceptance(format!(
+                "the log was changed, not cut: {}",
+                loss.problem.message
+            )));
+        }
+        let through_at_least = loss.reached.max(ends_at + 1);
+        if through < through_at_least {
+            return Err(StoreError::Acceptance(format!(
+                "--through must be at least {}: {}",
+                grouped(through_at_least),
+                loss.problem.message
+            )));
+        }
+        if through - ends_at > MAX_ACCEPTED_LOSS {
+            return Err(StoreError::Acceptance(format!(
+                "--through {} is more than {} events after the end of the log ({})",
+                grouped(through),
+                grouped(MAX_ACCEPTED_LOSS),
+                grouped(ends_at)
+            )));
+        }
+        let report = self.verify()?;
+        if report.problem.as_deref() != Some(loss.problem.message.as_str()) {
+            return Err(StoreError::Acceptance(format!(
+                "the surviving log does not verify ({}); restore it from a backup",
+                report.problem.unwrap_or_default()
+            )));
+        }
+        // The refusal was the loss: lifted for these appends only.
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .refused = None;
+        let mut next = ends_at + 1;
+        let mut batch = vec![first];
+        loop {
+            next += 1;
+            while next <= through && batch.len() < ACCEPT_LOSS_BATCH {
+                batch.push(marker(next));
+                next += 1;
+            }
+            let appended = self.append(std::mem::take(&mut batch));
+            if let Err(e) = appended {
+                self.writer
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .refused
+                    .get_or_insert_with(|| loss.problem.message.clone());
+                return Err(e);
+            }
+            if next > through {
+                break;
+            }
+            batch.push(marker(next));
+        }
+        if let Some(checkpoint) = self.current_checkpoint()?
+            && checkpoint.event > ends_at
+        {
+            self.write_beside_chain(|| self.meta.remove(CHECKPOINT_KEY).map(drop))?;
+            self.flush()?;
+        }
+        self.set_aside_checkpoints_after(ends_at)?;
+        *self.loss.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        Ok(self.last_sequence())
+    }
+
+    /// Moves checkpoint files covering events after `ends_at` to `lost-checkpoints/`.
+    fn set_aside_checkpoints_after(&self, ends_at: u64) -> Result<(), StoreError> {
+        let io = |e: std::io::Error| StoreError::Write(sled::Error::Io(e));
+        let entries = match std::fs::read_dir(&self.checkpoints) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        let aside = self.dir.join(LOST_CHECKPOINT_DIR);
+        for entry in entries {
+            let path = entry.map_err(io)?.path();
+            let covers = path
+                .file_stem()
+                .and_then(|stem| stem.to_str())
+                .and_then(|stem| stem.parse::<u64>().ok());
+            if covers.is_some_and(|covers| covers > ends_at)
+                && let Some(name) = path.file_name()
+            {
+                std::fs::create_dir_all(&aside).map_err(io)?;
+                std::fs::rename(&path, aside.join(name)).map_err(io)?;
+            }
+        }
+        std::fs::File::open(&self.checkpoints)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)
     }
 
     /// Sequence number of the last durable event; 0 when the log is empty. After a mismatch at
@@ -556,11 +823,7 @@ impl EventLog {
         if sequence == 0 || (self.mismatch.is_none() && sequence > head.sequence) {
             return Ok(None);
         }
-        match self
-            .events
-            .get(sequence.to_be_bytes())
-            .map_err(StoreError::Read)?
-        {
+        match self.read(|| self.events.get(sequence.to_be_bytes()))? {
             Some(value) => codec::decode(sequence, &value)
                 .map(Some)
                 .map_err(|problem| StoreError::Corrupt { sequence, problem }),
@@ -581,10 +844,8 @@ impl EventLog {
         if sequence == 0 || sequence > self.durable_head().sequence {
             return Ok(None);
         }
-        self.events
-            .get(sequence.to_be_bytes())
+        self.read(|| self.events.get(sequence.to_be_bytes()))
             .map(|value| value.map(|v| v.to_vec()))
-            .map_err(StoreError::Read)
     }
 
     /// Reads back bytes [`EventLog::stored_bytes`] returned, with the event's own hash
@@ -608,10 +869,9 @@ impl EventLog {
         } else {
             // Link the first event to its predecessor when that one is intact; if it is not,
             // the problem belongs to the predecessor, and `verify` reports it.
-            let prev = self
-                .events
-                .get((sequence - 1).to_be_bytes())
+            let prev = guard::catching(|| self.events.get((sequence - 1).to_be_bytes()))
                 .ok()
+                .and_then(Result::ok)
                 .flatten()
                 .and_then(|v| codec::decode(sequence - 1, &v).ok())
                 .map(|e| e.hash);
@@ -621,6 +881,7 @@ impl EventLog {
             range: self.events.range(self.read_range(sequence)),
             chain,
             done: false,
+            dir: self.dir.clone(),
         }
     }
 
@@ -630,7 +891,12 @@ impl EventLog {
     /// included; the report's head is the one verified. Large logs are checked in slices on
     /// several threads; a slice that does not join cleanly onto the one before is walked again in
     /// order, so the report is exactly what one walk from event 1 would give.
-    pub fn verify(&self) -> VerifyReport {
+    ///
+    /// A log that lost its end (see [`evidence`]) fails, at the first missing event. A read
+    /// that fails for a reason that may pass (an I/O error, such as a full disk) is `Err`:
+    /// it says nothing about the evidence, so it is not a verification result. sled
+    /// reporting its files damaged is one.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         self.verify_with(
             threads.min(MAX_VERIFY_THREADS),
@@ -640,7 +906,7 @@ impl EventLog {
 
     /// [`EventLog::verify`], given up as soon as `stop` is set (`None` then): a verification
     /// running in the background must not keep a stopping server's directory locked.
-    pub fn verify_unless(&self, stop: &AtomicBool) -> Option<VerifyReport> {
+    pub fn verify_unless(&self, stop: &AtomicBool) -> Option<Result<VerifyReport, StoreError>> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let report = self.verify_inner(
             threads.min(MAX_VERIFY_THREADS),
@@ -651,7 +917,11 @@ impl EventLog {
     }
 
     /// [`EventLog::verify`] with its parallelism chosen by the caller (tests force slicing).
-    fn verify_with(&self, max_threads: usize, min_events_per_thread: u64) -> VerifyReport {
+    fn verify_with(
+        &self,
+        max_threads: usize,
+        min_events_per_thread: u64,
+    ) -> Result<VerifyReport, StoreError> {
         self.verify_inner(max_threads, min_events_per_thread, &AtomicBool::new(false))
     }
 
@@ -660,7 +930,7 @@ impl EventLog {
         max_threads: usize,
         min_events_per_thread: u64,
         stop: &AtomicBool,
-    ) -> VerifyReport {
+    ) -> Result<VerifyReport, StoreError> {
         let head = self.durable_head();
         let (end, recorded) = match &self.mismatch {
             None => (
@@ -691,19 +961,27 @@ impl EventLog {
         let problem = if joined && !slices.is_empty() {
             None
         } else {
-            self.check_range(&mut chain, end, stop)
+            self.check_range(&mut chain, end, stop)?
         };
         let problem = problem
             .or_else(|| chain::compare_head(chain.last(), &recorded))
-            .or_else(|| self.mismatch.clone());
-        VerifyReport {
+            .or_else(|| self.mismatch.clone())
+            .or_else(|| self.loss().map(|loss| loss.problem));
+        Ok(VerifyReport {
             ok: problem.is_none(),
             events_checked: chain.checked,
             first_bad_sequence: problem.as_ref().map(|p| p.sequence),
             problem: problem.map(|p| p.message),
             head_sequence,
             head_hash,
-        }
+        })
+    }
+
+    fn loss(&self) -> Option<Loss> {
+        self.loss
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Checks events 1 to `last` in contiguous slices, one thread each; empty for a small log.
@@ -734,7 +1012,16 @@ impl EventLog {
                 0 => Bound::Unbounded,
                 _ => Bound::Included(start.to_be_bytes()),
             };
-            let found = self.walk_checked(&mut chain, self.events.range((lower, upper)), stop);
+            // A read error here only stops the slice from joining: the walk in order that
+            // follows meets it again and reports it.
+            let found = self
+                .walk_checked(&mut chain, self.events.range((lower, upper)), stop)
+                .unwrap_or_else(|e| {
+                    Some(Problem {
+                        sequence: chain.next(),
+                        message: e.to_string(),
+                    })
+                });
             (chain, found)
         };
         std::thread::scope(|scope| {
@@ -794,7 +1081,7 @@ impl EventLog {
         decode: impl Fn(RawEvent<'_>) -> Result<T, String> + Sync,
         mut fold: impl FnMut(u64, Result<T, String>),
     ) -> Option<VerifyReport> {
-        if self.mismatch.is_some() {
+        if self.mismatch.is_some() || self.loss().is_some() {
             return None;
         }
         let head = self.durable_head();
@@ -816,10 +1103,9 @@ impl EventLog {
                     Bound::Included(first.to_be_bytes()),
                 )
             } else {
-                let prev = self
-                    .events
-                    .get((first - 1).to_be_bytes())
+                let prev = guard::catching(|| self.events.get((first - 1).to_be_bytes()))
                     .ok()
+                    .and_then(Result::ok)
                     .flatten()
                     .and_then(|v| v.first_chunk::<HASH_LEN>().copied());
                 let Some(prev) = prev else {
@@ -832,10 +1118,10 @@ impl EventLog {
             };
             let starts_after = chain.last().1;
             let mut items = Vec::with_capacity((last + 1 - first) as usize);
-            for item in self
+            let mut range = self
                 .events
-                .range((lower, Bound::Included(last.to_be_bytes())))
-            {
+                .range((lower, Bound::Included(last.to_be_bytes())));
+            while let Ok(Some(item)) = guard::catching(|| range.next()) {
                 let Ok((key, value)) = item else {
                     return CheckedChunk::failed();
                 };
@@ -926,7 +1212,7 @@ impl EventLog {
         chain: &mut Chain,
         end: Bound<[u8; 8]>,
         stop: &AtomicBool,
-    ) -> Option<Problem> {
+    ) -> Result<Option<Problem>, StoreError> {
         let start = match chain.next() {
             1 => Bound::Unbounded,
             next => Bound::Included(next.to_be_bytes()),
@@ -935,30 +1221,38 @@ impl EventLog {
     }
 
     /// Checks every entry of `range` as a link of the chain, decoding only to explain a problem.
-    /// Ends early, reporting nothing, once `stop` is set.
+    /// Ends early, reporting nothing, once `stop` is set. A read that fails with an I/O
+    /// error is `Err` (see [`EventLog::verify`]); sled finding its files damaged, or
+    /// panicking on them, is a problem at the first event it could not read.
     fn walk_checked(
         &self,
         chain: &mut Chain,
-        range: sled::Iter,
+        mut range: sled::Iter,
         stop: &AtomicBool,
-    ) -> Option<Problem> {
-        for item in range {
+    ) -> Result<Option<Problem>, StoreError> {
+        loop {
             if stop.load(Ordering::Relaxed) {
-                return None;
+                return Ok(None);
             }
-            let checked = match &item {
-                Ok((key, value)) => chain.check_linked(key, value),
-                // sled could not read further: the first unread event is where trust ends.
-                Err(e) => Err(Problem {
-                    sequence: chain.next(),
-                    message: format!("reading the log failed: {e}"),
-                }),
+            let unreadable = |detail: String| Problem {
+                sequence: chain.next(),
+                message: format!(
+                    "event {} cannot be read: the event log at {} is damaged ({detail})",
+                    chain.next(),
+                    self.dir.display()
+                ),
+            };
+            let checked = match guard::catching(|| range.next()) {
+                Ok(None) => return Ok(None),
+                Ok(Some(Ok((key, value)))) => chain.check_linked(&key, &value),
+                Ok(Some(Err(e @ sled::Error::Io(_)))) => return Err(StoreError::Read(e)),
+                Ok(Some(Err(e))) => Err(unreadable(e.to_string())),
+                Err(panic) => Err(unreadable(panic)),
             };
             if let Err(p) = checked {
-                return Some(p);
+                return Ok(Some(p));
             }
         }
-        None
     }
 
     /// Makes everything written so far durable. `append` already does this for every batch.
@@ -977,11 +1271,7 @@ impl EventLog {
 
     /// The position saved under `name`: the last event its reader is done with; 0 when none.
     pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
-        match self
-            .cursors
-            .get(name.as_bytes())
-            .map_err(StoreError::Read)?
-        {
+        match self.read(|| self.cursors.get(name.as_bytes()))? {
             None => Ok(0),
             Some(value) => value
                 .as_ref()
@@ -1006,10 +1296,8 @@ impl EventLog {
 
     /// A note `reader` kept under `key` (see [`EventLog::save_note`]).
     pub fn note(&self, reader: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.notes
-            .get(note_key(reader, key))
+        self.read(|| self.notes.get(note_key(reader, key)))
             .map(|value| value.map(|v| v.to_vec()))
-            .map_err(StoreError::Read)
     }
 
     /// Saves (`Some`) or removes (`None`) a reader's note durably. Notes are working state
@@ -1090,7 +1378,7 @@ impl EventLog {
 
     /// The newest adopted checkpoint, if any.
     pub fn current_checkpoint(&self) -> Result<Option<CheckpointRef>, StoreError> {
-        let Some(value) = self.meta.get(CHECKPOINT_KEY).map_err(StoreError::Read)? else {
+        let Some(value) = self.read(|| self.meta.get(CHECKPOINT_KEY))? else {
             return Ok(None);
         };
         match (value.get(..8), value.get(8..16), value.len()) {
@@ -1192,6 +1480,24 @@ impl EventLog {
         sync_sled(&self.db, &self.blobs, &self.data_file)
     }
 
+    /// Runs one sled read: sled reporting its files corrupt, or panicking on them, is
+    /// [`StoreError::Damaged`]; any other error is [`StoreError::Read`] (I/O, which may pass).
+    fn read<T>(&self, read: impl FnOnce() -> sled::Result<T>) -> Result<T, StoreError> {
+        match guard::catching(read) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error @ sled::Error::Io(_))) => Err(StoreError::Read(error)),
+            Ok(Err(error)) => Err(self.damaged(error.to_string())),
+            Err(panic) => Err(self.damaged(panic)),
+        }
+    }
+
+    fn damaged(&self, detail: String) -> StoreError {
+        StoreError::Damaged {
+            path: self.dir.clone(),
+            detail,
+        }
+    }
+
     fn durable_head(&self) -> Head {
         *self.durable.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -1218,6 +1524,8 @@ struct Walk {
     range: sled::Iter,
     chain: Chain,
     done: bool,
+    /// The data directory, named if sled finds its files damaged.
+    dir: std::path::PathBuf,
 }
 
 impl Iterator for Walk {
@@ -1227,15 +1535,24 @@ impl Iterator for Walk {
         if self.done {
             return None;
         }
-        let item = match self.range.next()? {
-            Err(e) => Err(StoreError::Read(e)),
-            Ok((key, value)) => self
-                .chain
-                .check(&key, &value)
-                .map_err(|p| StoreError::Corrupt {
-                    sequence: p.sequence,
-                    problem: p.message,
-                }),
+        let range = &mut self.range;
+        let damaged = |detail: String| StoreError::Damaged {
+            path: self.dir.clone(),
+            detail,
+        };
+        let item = match guard::catching(|| range.next()) {
+            Ok(None) => return None,
+            Ok(Some(Err(e @ sled::Error::Io(_)))) => Err(StoreError::Read(e)),
+            Ok(Some(Err(e))) => Err(damaged(e.to_string())),
+            Err(panic) => Err(damaged(panic)),
+            Ok(Some(Ok((key, value)))) => {
+                self.chain
+                    .check(&key, &value)
+                    .map_err(|p| StoreError::Corrupt {
+                        sequence: p.sequence,
+                        problem: p.message,
+                    })
+            }
         };
         self.done = item.is_err();
         Some(item)
@@ -1301,6 +1618,46 @@ const CHECKPOINT_TEMPORARY: &str = "partial";
 
 /// Where in `meta` the newest checkpoint is named.
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+
+/// What the data directory says about how far the log went (see [`evidence`]).
+fn gather_evidence(dir: &Path, meta: &sled::Tree, cursors: &sled::Tree) -> sled::Result<Evidence> {
+    let witness = Witness::read(dir)?;
+    let checkpoint_file = match std::fs::read_dir(dir.join(CHECKPOINT_DIR)) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let path = entry.path();
+                let ours = path.extension().and_then(|e| e.to_str()) == Some(CHECKPOINT_EXTENSION);
+                let covers = path.file_stem()?.to_str()?.parse::<u64>().ok()?;
+                ours.then_some(covers)
+            })
+            .max(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(sled::Error::Io(e)),
+    };
+    let checkpoint_record = meta.get(CHECKPOINT_KEY)?.and_then(|value| {
+        value
+            .first_chunk::<8>()
+            .map(|event| u64::from_be_bytes(*event))
+    });
+    let mut readers = Vec::new();
+    for entry in cursors.iter() {
+        let (name, value) = entry?;
+        if let Some(cursor) = value.first_chunk::<8>().filter(|_| value.len() == 8) {
+            readers.push((
+                String::from_utf8_lossy(&name).into_owned(),
+                u64::from_be_bytes(*cursor),
+            ));
+        }
+    }
+    Ok(Evidence {
+        witness,
+        witness_path: dir.join(witness::FILE_NAME),
+        checkpoint_file,
+        checkpoint_record,
+        cursors: readers,
+    })
+}
 
 /// `reader`, a NUL, then `key`: readers' names never contain NUL, so keys cannot collide.
 fn note_key(reader: &str, key: &str) -> Vec<u8> {

@@ -75,9 +75,13 @@ fn flip(events: &sled::Tree, sequence: u64, index: usize) -> sled::Result<()> {
 
 /// Verifies `log` in one walk, and in slices on several threads, which must agree exactly.
 fn verify(log: &EventLog) -> VerifyReport {
-    let single = log.verify_with(1, 1);
+    let single = log.verify_with(1, 1).expect("the log reads");
     for threads in [2, 3, 7] {
-        assert_eq!(log.verify_with(threads, 1), single, "{threads} threads");
+        assert_eq!(
+            log.verify_with(threads, 1).expect("the log reads"),
+            single,
+            "{threads} threads"
+        );
     }
     single
 }
@@ -710,6 +714,14 @@ fn rewriting_the_whole_tail_is_caught_only_by_an_external_anchor() -> TestResult
         meta.insert(codec::HEAD_KEY, &codec::encode_head(10, &stored.hash)[..])
             .map(drop)
     })?;
+    // The head witness beside sled saw event 10 as it was.
+    assert_fails_at(
+        &verify(&EventLog::open(dir.path())?),
+        10,
+        "is not the one the head witness recorded",
+    );
+    // Someone who can write sled's files can remove the witness too.
+    std::fs::remove_file(dir.path().join(super::witness::FILE_NAME))?;
     let report = verify(&EventLog::open(dir.path())?);
     assert!(report.ok, "{report:?}");
     assert_ne!(report.head_hash, anchored);
@@ -882,7 +894,7 @@ fn verify_and_replay_of_an_intact_log_hands_over_every_event_in_order() -> TestR
         },
         |sequence, item| seen.push((sequence, item)),
     );
-    assert_eq!(report, Some(log.verify()));
+    assert_eq!(report, Some(log.verify()?));
     let walked = log.iter_from(1).collect::<Result<Vec<_>, _>>()?;
     assert_eq!(seen.len(), walked.len());
     for ((sequence, item), stored) in seen.into_iter().zip(walked) {
@@ -1115,10 +1127,10 @@ fn measure_million_events() -> TestResult {
         assert!(report.ok, "{report:?}");
         Ok(report.events_checked)
     };
-    let verify_parallel = timed(&|| checked(log.verify()))?;
+    let verify_parallel = timed(&|| checked(log.verify()?))?;
     drop(log);
     let log = EventLog::open(dir.path())?;
-    let verify_single = timed(&|| checked(log.verify_with(1, 1)))?;
+    let verify_single = timed(&|| checked(log.verify_with(1, 1)?))?;
     drop(log);
     let log = EventLog::open(dir.path())?;
     let replay = timed(&|| log.iter_from(1).try_fold(0, |n, e| e.map(|_| n + 1)))?;
@@ -1142,5 +1154,116 @@ fn measure_million_events() -> TestResult {
             .map_or(1, |n| n.get())
             .min(MAX_VERIFY_THREADS),
     );
+    Ok(())
+}
+
+/// Events 8 to 10 removed and the head record set back to event 7, as sled's recovery
+/// leaves a log cut at a damaged record: a valid, shorter chain.
+fn cut_to_seven(dir: &Path) -> TestResult {
+    tamper(dir, |events, meta| {
+        let seventh = events.get(7u64.to_be_bytes())?.unwrap_or_default();
+        for sequence in 8..=10u64 {
+            events.remove(sequence.to_be_bytes())?;
+        }
+        let hash: [u8; 32] = seventh[..32].try_into().unwrap_or_default();
+        meta.insert(codec::HEAD_KEY, &codec::encode_head(7, &hash)[..])
+            .map(drop)
+    })
+}
+
+#[test]
+fn a_cut_tail_is_shown_by_the_head_witness_and_refuses_appends() -> TestResult {
+    let dir = log_with(10)?;
+    cut_to_seven(dir.path())?;
+    let log = EventLog::open(dir.path())?;
+    assert_fails_at(
+        &verify(&log),
+        8,
+        "the log ends at 7 but the head witness records event 10",
+    );
+    let refused = log.append(events(8..=8)).unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::WritesRefused { reason } if reason.contains("ends at 7")),
+        "{refused}"
+    );
+    assert_eq!(
+        log.last_sequence(),
+        7,
+        "no number of a lost event was taken"
+    );
+    let lost = log.lost().expect("a loss");
+    assert_eq!((lost.from, lost.reached), (8, 10));
+    Ok(())
+}
+
+#[test]
+fn cursors_and_checkpoints_beyond_the_end_show_a_loss_too() -> TestResult {
+    let dir = log_with(10)?;
+    {
+        let log = EventLog::open(dir.path())?;
+        log.save_cursor("otlp-spans", 9)?;
+    }
+    std::fs::remove_file(dir.path().join(super::witness::FILE_NAME))?;
+    cut_to_seven(dir.path())?;
+    assert_fails_at(
+        &verify(&EventLog::open(dir.path())?),
+        8,
+        "the log ends at 7 but reader otlp-spans has handed on events up to 9",
+    );
+
+    let dir = log_with(10)?;
+    {
+        let log = EventLog::open(dir.path())?;
+        log.save_checkpoint(10, b"state")?;
+    }
+    std::fs::remove_file(dir.path().join(super::witness::FILE_NAME))?;
+    cut_to_seven(dir.path())?;
+    assert_fails_at(
+        &verify(&EventLog::open(dir.path())?),
+        8,
+        "the log ends at 7 but checkpoint 10 exists",
+    );
+    Ok(())
+}
+
+#[test]
+fn an_accepted_loss_is_recorded_and_numbers_continue_after_the_lost_ones() -> TestResult {
+    let dir = log_with(10)?;
+    {
+        let log = EventLog::open(dir.path())?;
+        log.save_checkpoint(10, b"state")?;
+    }
+    cut_to_seven(dir.path())?;
+    let log = EventLog::open(dir.path())?;
+    let marker = |sequence: u64| NewEvent {
+        kind: "log.sequence_lost".into(),
+        ..event(sequence)
+    };
+    let short = log.accept_loss(9, event(100), marker).unwrap_err();
+    assert!(short.to_string().contains("at least 10"), "{short}");
+    assert_eq!(log.accept_loss(10, event(100), marker)?, 10);
+    assert!(verify(&log).ok);
+    assert_eq!(log.get(8)?.map(|e| e.payload), Some(event(100).payload));
+    assert_eq!(
+        log.get(10)?.map(|e| e.kind),
+        Some("log.sequence_lost".into())
+    );
+    assert_eq!(log.append(events(11..=11))?[0].sequence, 11);
+    drop(log);
+    assert!(dir.path().join("lost-checkpoints").is_dir());
+    let log = EventLog::open(dir.path())?;
+    assert!(verify(&log).ok, "the acceptance holds across a restart");
+    assert_eq!(log.lost(), None);
+    Ok(())
+}
+
+#[test]
+fn a_damaged_witness_is_a_problem_until_accepted() -> TestResult {
+    let dir = log_with(3)?;
+    let path = dir.path().join(super::witness::FILE_NAME);
+    let mut bytes = std::fs::read(&path)?;
+    bytes[12] ^= 0x01;
+    std::fs::write(&path, bytes)?;
+    assert_fails_at(&verify(&EventLog::open(dir.path())?), 4, "head witness");
     Ok(())
 }
