@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::auth::AuthSettings;
 use crate::auth::rate_limit::RateSection;
 use crate::auth::{JwtConfig, MtlsConfig, RateLimits, RolesConfig, TokenConfig};
 use crate::listener::ConnectionSettings;
 use crate::notify::config::{NotifySettings, SlackSection, TeamsSection, WebhookSection};
 use crate::telemetry::LogFormat;
 use crate::telemetry::export::ExportSettings;
+pub use crate::tls::TlsSettings;
 use crate::workflow::DecisionTimes;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -69,53 +71,6 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// Slack, Teams and webhooks; none by default.
     pub notify: NotifySettings,
-}
-
-/// The server's certificate and key: PEM files, paths already resolved (file paths against
-/// the config file's directory, flag paths against the working directory).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsSettings {
-    /// The certificate chain, leaf first.
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// How callers are authenticated.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum AuthSettings {
-    /// No `[auth]` section: callers name themselves in `x-countersign-*` metadata. Loopback
-    /// only; the server logs a loud warning.
-    #[default]
-    Development,
-    /// At least one credential method; identity headers are ignored.
-    Credentials {
-        /// Boxed: far larger than the other variant.
-        jwt: Option<Box<JwtConfig>>,
-        tokens: Option<TokenConfig>,
-        /// Client certificates; needs `ServerConfig::tls`.
-        mtls: Option<MtlsConfig>,
-        /// Relative key file paths are resolved against this: the config file's directory.
-        base_dir: PathBuf,
-    },
-}
-
-impl AuthSettings {
-    /// The names of the configured methods, for logs (`jwt`, `tokens`, `mtls`).
-    pub fn methods(&self) -> Vec<&'static str> {
-        match self {
-            AuthSettings::Development => Vec::new(),
-            AuthSettings::Credentials {
-                jwt, tokens, mtls, ..
-            } => [
-                jwt.as_ref().map(|_| "jwt"),
-                tokens.as_ref().map(|_| "tokens"),
-                mtls.as_ref().map(|_| "mtls"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
-        }
-    }
 }
 
 impl ServerConfig {
@@ -470,7 +425,7 @@ pub fn resolve(
             roles.validate().map_err(|problem| ConfigError::Invalid {
                 path: path.to_path_buf(),
                 field: "roles",
-                problem,
+                problem: problem.to_string(),
             })?;
             config.roles = roles;
         }
@@ -501,7 +456,7 @@ pub fn resolve(
         .map_err(|problem| ConfigError::Invalid {
             path: path.to_path_buf(),
             field: "notifications",
-            problem,
+            problem: problem.to_string(),
         })?;
         if let Some(tls) = file.tls {
             tls_cert = Some(config_dir(path).join(tls.cert));
@@ -928,5 +883,56 @@ mod tests {
         };
         let authenticator = crate::auth::MtlsAuthenticator::from_config(mtls);
         assert!(authenticator.is_ok(), "{authenticator:?}");
+    }
+
+    /// What `countersign trial-certs` is given in the test below.
+    fn trial_options(dir: &Path) -> crate::tls::trial::TrialOptions {
+        crate::tls::trial::TrialOptions {
+            dir: dir.to_path_buf(),
+            trust_domain: "example.org".into(),
+            agent: "deployer".into(),
+            agent_groups: vec!["deployers".into()],
+            reviewer: "alice".into(),
+            reviewer_groups: vec!["security".into()],
+        }
+    }
+
+    #[test]
+    fn the_printed_config_loads_and_every_file_passes_the_server_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let trial = dir.path().join("trial \"certs\"");
+        let written = crate::tls::trial::write(&trial_options(&trial)).unwrap();
+        assert_eq!(written.files.len(), 8);
+
+        let config_path = dir.path().join("countersign.toml");
+        let file: ConfigFile = toml::from_str(&written.config).unwrap();
+        let config = resolve(Some((&config_path, file)), Overrides::default()).unwrap();
+        assert_eq!(config.auth.methods(), vec!["mtls"]);
+        let tls = config.tls.clone().unwrap();
+        let ca = crate::tls::client_ca(&config.auth).unwrap();
+        assert!(ca.required);
+        crate::tls::server_config(&tls.cert, &tls.key, Some(&ca)).unwrap();
+        let AuthSettings::Credentials {
+            mtls: Some(mtls), ..
+        } = &config.auth
+        else {
+            panic!("mtls expected: {:?}", config.auth);
+        };
+        crate::auth::MtlsAuthenticator::from_config(mtls).unwrap();
+
+        // The agent's certificate maps to the agent, and its key belongs to it.
+        let agent_pem = std::fs::read(trial.join("deployer.pem")).unwrap();
+        let chain = crate::tls::certificates("agent", &trial, &agent_pem).unwrap();
+        let key_pem = std::fs::read(trial.join("deployer-key.pem")).unwrap();
+        crate::tls::check_key_pair(("c", &trial), ("k", &trial), chain.clone(), &key_pem).unwrap();
+        let principal = crate::auth::MtlsAuthenticator::from_config(mtls)
+            .unwrap()
+            .verify(Some(&chain))
+            .unwrap();
+        assert_eq!(principal.id, "deployer");
+        assert_eq!(
+            principal.authenticated_by,
+            "mtls:spiffe://example.org/agent/deployer"
+        );
     }
 }

@@ -265,8 +265,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 .as_ref()
                 .map(|p| opentelemetry::trace::TracerProvider::tracer(p, "countersign")),
         );
-        let signal = shutdown_signal()
-            .map_err(|e| server::ServeError::Startup(format!("cannot handle signals: {e}")))?;
+        let signal = shutdown_signal().map_err(server::ServeError::Signals)?;
         let served = async { server::start(config).await?.run_until(signal).await }.await;
         if let Some(provider) = rpc_tracer {
             // Sends the last RPC spans; the SDK blocks, so off the async workers.

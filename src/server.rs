@@ -18,16 +18,17 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tower::Layer as _;
 
 use crate::api::{ActionGateApi, AuditApi, Core, CurrentPolicies, PolicyApi, ReviewApi};
+use crate::auth::AuthSettings;
 use crate::auth::{
     AuthConfigError, Authenticator, CredentialChain, DevelopmentIdentity, GuardLayer,
     JwtAuthenticator, MtlsAuthenticator, RateLimiter, Roles, StaticTokenAuthenticator,
     start_denial_recorder,
 };
-use crate::config::{AuthSettings, ServerConfig};
+use crate::config::ServerConfig;
 use crate::error_chain;
 use crate::ledger::follower::Progress;
 use crate::ledger::{ChainCheck, Ledger, LedgerError, LedgerOptions, ReplayReport};
@@ -40,7 +41,7 @@ use crate::proto::review_service_server::ReviewServiceServer;
 use crate::store::EventLog;
 use crate::telemetry::http::StatusFn;
 use crate::telemetry::metrics::{Metrics, Sources};
-use crate::tls::{self, TlsError};
+use crate::tls::{self, ClientCertificates, TlsError};
 
 /// How long `stop` waits for the last holders of the ledger (in-flight calls) to let go,
 /// and for the ledger to save its last checkpoint and close the log.
@@ -66,8 +67,19 @@ pub enum ServeError {
     },
     #[error("the server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A start-up step run off the async workers (loading policies, opening the ledger)
+    /// or the serving task itself did not finish: it panicked or was cancelled.
     #[error("start-up was interrupted: {0}")]
-    Startup(String),
+    Interrupted(tokio::task::JoinError),
+    /// The serving task panicked or was cancelled while being waited for.
+    #[error("start-up was interrupted: the serving task failed: {0}")]
+    ServingTask(tokio::task::JoinError),
+    /// The reflection service could not be built from the embedded descriptor sets.
+    #[error("start-up was interrupted: reflection: {0}")]
+    Reflection(tonic_reflection::server::Error),
+    /// The process could not install its signal handlers.
+    #[error("start-up was interrupted: cannot handle signals: {0}")]
+    Signals(std::io::Error),
     #[error("telemetry: {0}")]
     Telemetry(#[from] crate::telemetry::export::ExportError),
     #[error(
@@ -157,7 +169,7 @@ impl RunningServer {
     pub async fn wait(self) -> Result<(), ServeError> {
         match self.task.await {
             Ok(result) => result,
-            Err(e) => Err(ServeError::Startup(format!("the serving task failed: {e}"))),
+            Err(e) => Err(ServeError::ServingTask(e)),
         }
     }
 
@@ -169,7 +181,7 @@ impl RunningServer {
         let shutdown = self.shutdown.take();
         tokio::select! {
             result = &mut self.task => {
-                return result.unwrap_or_else(|e| Err(ServeError::Startup(e.to_string())));
+                return result.unwrap_or_else(|e| Err(ServeError::Interrupted(e)));
             }
             () = signal => {}
         }
@@ -180,86 +192,23 @@ impl RunningServer {
     }
 }
 
+/// Checks the settings (before the disk: [`prepare_edge`]), loads the policies, opens the
+/// ledger, starts every component, and returns once the gRPC listener accepts calls.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     check_listen(&config)?;
     // Before the event log opens its files; logged once the server is serving.
     let open_files = crate::listener::raise_open_file_limit();
-    // Before anything else touches the disk: a bad key file is the likeliest start-up error.
-    let authenticator = authenticator(&config.auth)?;
-    // Secrets and the interactivity listener are checked here too, before the disk.
-    let notify = crate::notify::prepare(&config.notify, config.tls.as_ref())?;
-    let client_ca = tls::client_ca(&config.auth);
-    let tls = match &config.tls {
-        Some(settings) => Some(tls::server_config(
-            &settings.cert,
-            &settings.key,
-            client_ca.as_ref(),
-        )?),
-        None if client_ca.is_some() => {
-            return Err(AuthConfigError::Invalid(
-                "auth.mtls: client certificates are checked during the TLS handshake: configure [tls]".into(),
-            )
-            .into());
-        }
-        None => None,
-    };
-    let roles = Arc::new(
-        Roles::new(config.roles.clone())
-            .map_err(|problem| ServeError::Auth(AuthConfigError::Invalid(problem)))?,
-    );
-    // Loading compiles every rule on a thread of its own; keep it off the async workers.
-    let policy_dir = config.policies.clone();
-    let policies = tokio::task::spawn_blocking(move || PolicySet::load_dir(&policy_dir))
-        .await
-        .map_err(|e| ServeError::Startup(e.to_string()))??;
-    tracing::info!(
-        directory = %config.policies.display(),
-        version = %policies.version(),
-        rules = policies.rule_count(),
-        "policies loaded"
-    );
-
-    let data_dir = config.data_dir.clone();
-    let options = LedgerOptions {
-        times: config.times,
-        settled_in_memory: config.settled_in_memory,
-        checkpoint_every: config.checkpoint_every,
-        verify_before_serving: config.verify_before_serving,
-    };
-    let (ledger, replay) = tokio::task::spawn_blocking(move || Ledger::open(&data_dir, options))
-        .await
-        .map_err(|e| ServeError::Startup(e.to_string()))??;
+    let Edge {
+        authenticator,
+        notify,
+        tls,
+        roles,
+    } = prepare_edge(&config)?;
+    let policies = load_policies(&config).await?;
+    let (ledger, replay) = open_ledger(&config).await?;
     log_replay(&config, &replay);
-
-    match &config.auth {
-        AuthSettings::Development => tracing::warn!(
-            "DEVELOPMENT IDENTITY MODE: callers name themselves with x-countersign-* metadata; \
-             nothing is authenticated. Loopback only; every event records `development-header`."
-        ),
-        auth @ AuthSettings::Credentials { .. } => tracing::info!(
-            methods = %auth.methods().join(","),
-            "authentication on; x-countersign-* identity headers are ignored"
-        ),
-    }
-    match (&config.tls, &tls) {
-        (Some(settings), Some((_, client_certificates))) => tracing::info!(
-            cert = %settings.cert.display(),
-            client_certificates = client_certificates.as_str(),
-            "TLS on"
-        ),
-        _ => tracing::info!("TLS off: plaintext HTTP/2 on a loopback address"),
-    }
-
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    log_security(&config, tls.as_ref());
+    let (listener, local_addr) = bind(config.listen).await?;
 
     let ledger = Arc::new(ledger);
     // Ends by itself when the ledger is dropped.
@@ -276,37 +225,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         reviewer_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     });
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ReviewServiceServer<ReviewApi>>().await;
-    health.set_serving::<AuditServiceServer<AuditApi>>().await;
-    health.set_serving::<PolicyServiceServer<PolicyApi>>().await;
-    health
-        .set_serving::<ActionGateServer<ActionGateApi>>()
-        .await;
-    // A ledger that refuses writes (log failed verification, or a write failed) still serves
-    // reads and audits, but health tells load balancers and orchestrators it will not decide.
-    let mut refusing = core.ledger.watch_refusal();
-    let gate_health = health.clone();
-    tokio::spawn(async move {
-        loop {
-            if *refusing.borrow_and_update() {
-                gate_health
-                    .set_not_serving::<ActionGateServer<ActionGateApi>>()
-                    .await;
-                return;
-            }
-            if refusing.changed().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (health, health_service) = start_health(&core).await;
 
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+    let reflection_v1 = reflection().build_v1().map_err(ServeError::Reflection)?;
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+        .map_err(ServeError::Reflection)?;
 
     // Refusals are recorded by a task of their own, which holds the ledger until the last
     // guard is dropped with the router, so a graceful stop records the final summaries.
@@ -361,42 +285,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .add_service(guard.layer(policy));
 
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
-    // Our own accept loop (crate::listener): the connection cap, backoff when out of file
-    // descriptors, and connections closed when they bring no request or stay idle; tonic's
-    // accept loop has none of these and spins at the descriptor limit. tonic runs the TLS
-    // handshake on every connection this stream yields (`tls_config` applies to custom
-    // incoming streams too; tests/tls.rs checks that a plaintext client gets nowhere).
-    let http_listeners = [
-        config.metrics_listen.is_some(),
-        notify.interactivity_addr.is_some(),
-    ]
-    .into_iter()
-    .filter(|on| *on)
-    .count()
-        * crate::listener::HTTP_LISTENER_CONNECTIONS;
-    open_files.log();
-    let cap = crate::listener::connection_cap(limits.max_connections, http_listeners);
-    let acceptor = crate::listener::Acceptor::new(
-        crate::listener::stats::GRPC,
+    let incoming = grpc_incoming(GrpcListener {
+        config: &config,
         listener,
-        cap,
-        connection_stats,
-    );
-    let incoming = crate::listener::grpc_incoming(
-        acceptor,
+        local_addr,
         connections,
-        crate::listener::Timeouts {
-            first_request: limits.first_request_timeout,
-            idle: limits.idle_timeout,
-        },
-    );
-    tracing::info!(
-        address = %local_addr,
-        max_connections = cap,
-        first_request_timeout = %humantime::format_duration(limits.first_request_timeout),
-        idle_timeout = %humantime::format_duration(limits.idle_timeout),
-        "countersign is serving"
-    );
+        connection_stats,
+        interactivity: notify.interactivity_addr.is_some(),
+        open_files,
+    });
     let task = tokio::spawn(async move {
         let served = router
             .serve_with_incoming_shutdown(incoming, async {
@@ -423,6 +320,215 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         shutdown: Some(shutdown),
         task,
     })
+}
+
+/// What start-up checks before it touches the disk: every file and secret a setting names,
+/// since a bad key file is the likeliest start-up error.
+struct Edge {
+    authenticator: Arc<dyn Authenticator>,
+    /// The notification channels, secrets read, not started yet.
+    notify: crate::notify::Prepared,
+    /// `None`: plaintext HTTP/2 (loopback only, see [`check_listen`]).
+    tls: Option<(ServerTlsConfig, ClientCertificates)>,
+    roles: Arc<Roles>,
+}
+
+/// Builds what authenticates, authorizes and encrypts calls, and prepares the notification
+/// channels; nothing here touches the data directory.
+fn prepare_edge(config: &ServerConfig) -> Result<Edge, ServeError> {
+    // Before anything else touches the disk: a bad key file is the likeliest start-up error.
+    let authenticator = authenticator(&config.auth)?;
+    // Secrets and the interactivity listener are checked here too, before the disk.
+    let notify = crate::notify::prepare(&config.notify, config.tls.as_ref())?;
+    let client_ca = tls::client_ca(&config.auth);
+    let tls = match &config.tls {
+        Some(settings) => Some(tls::server_config(
+            &settings.cert,
+            &settings.key,
+            client_ca.as_ref(),
+        )?),
+        None if client_ca.is_some() => {
+            return Err(AuthConfigError::Invalid(
+                "auth.mtls: client certificates are checked during the TLS handshake: configure [tls]".into(),
+            )
+            .into());
+        }
+        None => None,
+    };
+    let roles = Arc::new(
+        Roles::new(config.roles.clone())
+            .map_err(|problem| ServeError::Auth(AuthConfigError::Invalid(problem.to_string())))?,
+    );
+    Ok(Edge {
+        authenticator,
+        notify,
+        tls,
+        roles,
+    })
+}
+
+/// Loads and compiles the policy set.
+async fn load_policies(config: &ServerConfig) -> Result<PolicySet, ServeError> {
+    // Loading compiles every rule on a thread of its own; keep it off the async workers.
+    let policy_dir = config.policies.clone();
+    let policies = tokio::task::spawn_blocking(move || PolicySet::load_dir(&policy_dir))
+        .await
+        .map_err(ServeError::Interrupted)??;
+    tracing::info!(
+        directory = %config.policies.display(),
+        version = %policies.version(),
+        rules = policies.rule_count(),
+        "policies loaded"
+    );
+    Ok(policies)
+}
+
+/// Opens the event log and replays it into the ledger's state, on tokio's blocking pool.
+async fn open_ledger(config: &ServerConfig) -> Result<(Ledger, ReplayReport), ServeError> {
+    let data_dir = config.data_dir.clone();
+    let options = LedgerOptions {
+        times: config.times,
+        settled_in_memory: config.settled_in_memory,
+        checkpoint_every: config.checkpoint_every,
+        verify_before_serving: config.verify_before_serving,
+    };
+    let opened = tokio::task::spawn_blocking(move || Ledger::open(&data_dir, options))
+        .await
+        .map_err(ServeError::Interrupted)??;
+    Ok(opened)
+}
+
+/// Says how callers are authenticated and whether TLS is on.
+fn log_security(config: &ServerConfig, tls: Option<&(ServerTlsConfig, ClientCertificates)>) {
+    match &config.auth {
+        AuthSettings::Development => tracing::warn!(
+            "DEVELOPMENT IDENTITY MODE: callers name themselves with x-countersign-* metadata; \
+             nothing is authenticated. Loopback only; every event records `development-header`."
+        ),
+        auth @ AuthSettings::Credentials { .. } => tracing::info!(
+            methods = %auth.methods().join(","),
+            "authentication on; x-countersign-* identity headers are ignored"
+        ),
+    }
+    match (&config.tls, tls) {
+        (Some(settings), Some((_, client_certificates))) => tracing::info!(
+            cert = %settings.cert.display(),
+            client_certificates = client_certificates.as_str(),
+            "TLS on"
+        ),
+        _ => tracing::info!("TLS off: plaintext HTTP/2 on a loopback address"),
+    }
+}
+
+/// Binds the gRPC listener; with port 0 the address says which port it got.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    Ok((listener, local_addr))
+}
+
+/// Every countersign service reported serving; the gate reported not serving, for good,
+/// once the ledger refuses writes.
+async fn start_health(
+    core: &Core,
+) -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ReviewServiceServer<ReviewApi>>().await;
+    health.set_serving::<AuditServiceServer<AuditApi>>().await;
+    health.set_serving::<PolicyServiceServer<PolicyApi>>().await;
+    health
+        .set_serving::<ActionGateServer<ActionGateApi>>()
+        .await;
+    // A ledger that refuses writes (log failed verification, or a write failed) still serves
+    // reads and audits, but health tells load balancers and orchestrators it will not decide.
+    let mut refusing = core.ledger.watch_refusal();
+    let gate_health = health.clone();
+    tokio::spawn(async move {
+        loop {
+            if *refusing.borrow_and_update() {
+                gate_health
+                    .set_not_serving::<ActionGateServer<ActionGateApi>>()
+                    .await;
+                return;
+            }
+            if refusing.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    (health, health_service)
+}
+
+/// What the gRPC accept loop is built from.
+struct GrpcListener<'a> {
+    config: &'a ServerConfig,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    /// Shared with the router's `StreamsLayer`, which counts each connection's streams.
+    connections: crate::listener::Connections,
+    connection_stats: crate::listener::ConnectionStats,
+    /// Whether the Slack interactivity listener runs (its connections count against the
+    /// open-file limit too).
+    interactivity: bool,
+    open_files: crate::listener::OpenFileLimit,
+}
+
+/// The connections the gRPC server is handed, and the "serving" log line.
+///
+/// Our own accept loop (crate::listener): the connection cap, backoff when out of file
+/// descriptors, and connections closed when they bring no request or stay idle; tonic's
+/// accept loop has none of these and spins at the descriptor limit. tonic runs the TLS
+/// handshake on every connection this stream yields (`tls_config` applies to custom
+/// incoming streams too; tests/tls.rs checks that a plaintext client gets nowhere).
+fn grpc_incoming(
+    grpc: GrpcListener<'_>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::listener::Conn>> {
+    let GrpcListener {
+        config,
+        listener,
+        local_addr,
+        connections,
+        connection_stats,
+        interactivity,
+        open_files,
+    } = grpc;
+    let limits = config.connections;
+    let http_listeners = [config.metrics_listen.is_some(), interactivity]
+        .into_iter()
+        .filter(|on| *on)
+        .count()
+        * crate::listener::HTTP_LISTENER_CONNECTIONS;
+    open_files.log();
+    let cap = crate::listener::connection_cap(limits.max_connections, http_listeners);
+    let acceptor = crate::listener::Acceptor::new(
+        crate::listener::stats::GRPC,
+        listener,
+        cap,
+        connection_stats,
+    );
+    let incoming = crate::listener::grpc_incoming(
+        acceptor,
+        connections,
+        crate::listener::Timeouts {
+            first_request: limits.first_request_timeout,
+            idle: limits.idle_timeout,
+        },
+    );
+    tracing::info!(
+        address = %local_addr,
+        max_connections = cap,
+        first_request_timeout = %humantime::format_duration(limits.first_request_timeout),
+        idle_timeout = %humantime::format_duration(limits.idle_timeout),
+        "countersign is serving"
+    );
+    incoming
 }
 
 /// What the telemetry of a running server holds on to.

@@ -230,10 +230,12 @@ impl GuardLayer {
         }
         let (grants, role_refusal) = match self.roles.authorize(&rpc, &context.principal) {
             Ok(grants) => (grants, None),
-            Err(reason) if roles::refused_on_record(&rpc) => {
-                (self.roles.grants(&context.principal), Some(reason))
-            }
-            Err(reason) => {
+            Err(denied) if roles::refused_on_record(&rpc) => (
+                self.roles.grants(&context.principal),
+                Some(denied.to_string()),
+            ),
+            Err(denied) => {
+                let reason = denied.to_string();
                 refuse(
                     DeniedAs::PermissionDenied,
                     Some(context.principal.clone()),

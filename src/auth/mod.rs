@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod mtls;
 pub mod rate_limit;
 pub mod roles;
+mod settings;
 pub mod token;
 
 use tonic::{Request, Status};
@@ -31,7 +32,8 @@ pub use guard::{Guard, GuardLayer, Refuser};
 pub use jwt::{JwtAuthenticator, JwtConfig, PublicKeyFile};
 pub use mtls::{IdentityEntry, MtlsAuthenticator, MtlsConfig};
 pub use rate_limit::{Budget, LimitObserver, Rate, RateLimiter, RateLimits};
-pub use roles::{Grants, RoleRefusal, Roles, RolesConfig};
+pub use roles::{Grants, RoleDenied, RoleRefusal, Roles, RolesConfig, RolesConfigError};
+pub use settings::AuthSettings;
 pub use token::{StaticTokenAuthenticator, TokenConfig, TokenEntry, token_hash};
 
 use crate::domain::Principal;

@@ -45,17 +45,43 @@ impl Default for RolesConfig {
 impl RolesConfig {
     /// Group names follow the rules for names from credentials, so a typo with a space or a
     /// control character is caught at start-up rather than never matching.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RolesConfigError> {
         for (field, groups) in [
             ("roles.auditors", &self.auditors),
             ("roles.admins", &self.admins),
             ("roles.reviewers", &self.reviewers),
             ("roles.on_behalf_of_asserters", &self.on_behalf_of_asserters),
         ] {
-            normalize_groups(groups, field)?;
+            normalize_groups(groups, field).map_err(RolesConfigError::Groups)?;
         }
         Ok(())
     }
+}
+
+/// Why `[roles]` cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RolesConfigError {
+    /// A group name that would never match one from a credential; the message names the
+    /// field and the rule.
+    #[error("{0}")]
+    Groups(String),
+}
+
+/// Why a caller may not make an RPC, in words fit for the caller: it names groups, never
+/// credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoleDenied {
+    /// Not a countersign RPC (see [`requirement`]).
+    #[error("{path} is not an RPC countersign grants to anyone")]
+    UnknownRpc { path: String },
+    #[error("{id} is an agent; only humans review actions")]
+    AgentReviewing { id: String },
+    #[error("{id} may not review; reviewing is for members of {groups}")]
+    NotReviewer { id: String, groups: String },
+    #[error("{id} may not read the audit log; it is for members of {groups}")]
+    NotAuditor { id: String, groups: String },
+    #[error("{id} may not administer countersign; that is for members of {groups}")]
+    NotAdmin { id: String, groups: String },
 }
 
 /// What an RPC asks of its caller.
@@ -133,7 +159,7 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub fn new(config: RolesConfig) -> Result<Roles, String> {
+    pub fn new(config: RolesConfig) -> Result<Roles, RolesConfigError> {
         config.validate()?;
         Ok(Roles { config })
     }
@@ -152,32 +178,34 @@ impl Roles {
 
     /// Whether `principal` may call the RPC at `path`; the error says why not, in words
     /// fit for the caller (it names groups, never credentials).
-    pub fn authorize(&self, path: &str, principal: &Principal) -> Result<Grants, String> {
+    pub fn authorize(&self, path: &str, principal: &Principal) -> Result<Grants, RoleDenied> {
         let grants = self.grants(principal);
         let Some(requirement) = requirement(path) else {
-            return Err(format!("{path} is not an RPC countersign grants to anyone"));
+            return Err(RoleDenied::UnknownRpc {
+                path: path.to_string(),
+            });
         };
-        let id = &principal.id;
+        let id = principal.id.clone();
         let refusal = match requirement {
             Requirement::Caller => return Ok(grants),
             Requirement::Reviewer if grants.reviewer => return Ok(grants),
             Requirement::Auditor if grants.auditor => return Ok(grants),
             Requirement::Admin if grants.admin => return Ok(grants),
             Requirement::Reviewer if principal.kind != PrincipalKind::Human => {
-                format!("{id} is an agent; only humans review actions")
+                RoleDenied::AgentReviewing { id }
             }
-            Requirement::Reviewer => format!(
-                "{id} may not review; reviewing is for members of {}",
-                list(&self.config.reviewers)
-            ),
-            Requirement::Auditor => format!(
-                "{id} may not read the audit log; it is for members of {}",
-                list(&self.config.auditors)
-            ),
-            Requirement::Admin => format!(
-                "{id} may not administer countersign; that is for members of {}",
-                list(&self.config.admins)
-            ),
+            Requirement::Reviewer => RoleDenied::NotReviewer {
+                id,
+                groups: list(&self.config.reviewers),
+            },
+            Requirement::Auditor => RoleDenied::NotAuditor {
+                id,
+                groups: list(&self.config.auditors),
+            },
+            Requirement::Admin => RoleDenied::NotAdmin {
+                id,
+                groups: list(&self.config.admins),
+            },
         };
         Err(refusal)
     }
@@ -258,7 +286,8 @@ mod tests {
         );
         let refusal = roles
             .authorize("/countersign.v1.ReviewService/SubmitReview", &agent)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(refusal.contains("agent"), "{refusal}");
     }
 
@@ -269,7 +298,7 @@ mod tests {
         let bob = principal("bob", PrincipalKind::Human, &["finance"]);
         let review = "/countersign.v1.ReviewService/SubmitReview";
         assert!(roles.authorize(review, &alice).unwrap().reviewer);
-        let refusal = roles.authorize(review, &bob).unwrap_err();
+        let refusal = roles.authorize(review, &bob).unwrap_err().to_string();
         assert!(refusal.contains("`sre`"), "{refusal}");
         // With no reviewer groups configured, every human reviews.
         let open = Roles::new(RolesConfig::default()).unwrap();
@@ -284,7 +313,7 @@ mod tests {
         let admin = principal("root", PrincipalKind::Human, &["admins"]);
         for rpc in ["ReadEvents", "VerifyLog"] {
             let path = format!("/countersign.v1.AuditService/{rpc}");
-            let refusal = roles.authorize(&path, &reviewer).unwrap_err();
+            let refusal = roles.authorize(&path, &reviewer).unwrap_err().to_string();
             assert!(refusal.contains("`auditors`"), "{refusal}");
             assert!(roles.authorize(&path, &auditor).is_ok());
             // Administering is not auditing: separation of duties.
@@ -312,7 +341,7 @@ mod tests {
             auditors: vec!["audit team".into()],
             ..RolesConfig::default()
         };
-        let err = Roles::new(bad).unwrap_err();
+        let err = Roles::new(bad).unwrap_err().to_string();
         assert!(err.contains("roles.auditors"), "{err}");
     }
 }

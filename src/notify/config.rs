@@ -210,37 +210,70 @@ pub struct WebhookSettings {
     pub secret: SecretSource,
 }
 
+/// Why the notification sections cannot be used; each message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotifyConfigError {
+    #[error("{field}_env: must name a variable")]
+    EmptyEnvName { field: &'static str },
+    #[error("give {field}_file or {field}_env, not both")]
+    TwoSources { field: &'static str },
+    #[error("{field}_file or {field}_env is required")]
+    NoSource { field: &'static str },
+    #[error("{field}: `{url}` is not an http(s) URL")]
+    NotHttpUrl { field: &'static str, url: String },
+    #[error(
+        "slack.interactivity_listen: requests are authenticated by Slack's signature: set slack.signing_secret_file or slack.signing_secret_env"
+    )]
+    InteractivityWithoutSigningSecret,
+    #[error("slack.default_channel: must name a channel id")]
+    NoDefaultChannel,
+    #[error("slack.users: slack_user_id and principal must not be empty")]
+    EmptySlackUser,
+    /// A `slack.users` entry's groups break the rules for group names.
+    #[error("{0}")]
+    SlackUserGroups(String),
+    #[error("slack.users: {0} is listed twice")]
+    SlackUserTwice(String),
+    #[error("webhooks.name: `{0}` must be 1 to 64 letters, digits, `-`, `_` or `.`")]
+    WebhookName(String),
+    #[error("webhooks.name: `{0}` is used twice")]
+    WebhookNameTwice(String),
+}
+
 /// Exactly one of a file and an environment variable.
 fn source(
-    field: &str,
+    field: &'static str,
     file: Option<PathBuf>,
     env: Option<String>,
     dir: &Path,
-) -> Result<Option<SecretSource>, String> {
+) -> Result<Option<SecretSource>, NotifyConfigError> {
     match (file, env) {
         (Some(file), None) => Ok(Some(SecretSource::File(dir.join(file)))),
         (None, Some(env)) if !env.trim().is_empty() => Ok(Some(SecretSource::Env(env))),
-        (None, Some(_)) => Err(format!("{field}_env: must name a variable")),
+        (None, Some(_)) => Err(NotifyConfigError::EmptyEnvName { field }),
         (None, None) => Ok(None),
-        (Some(_), Some(_)) => Err(format!("give {field}_file or {field}_env, not both")),
+        (Some(_), Some(_)) => Err(NotifyConfigError::TwoSources { field }),
     }
 }
 
 fn required(
-    field: &str,
+    field: &'static str,
     file: Option<PathBuf>,
     env: Option<String>,
     dir: &Path,
-) -> Result<SecretSource, String> {
-    source(field, file, env, dir)?.ok_or_else(|| format!("{field}_file or {field}_env is required"))
+) -> Result<SecretSource, NotifyConfigError> {
+    source(field, file, env, dir)?.ok_or(NotifyConfigError::NoSource { field })
 }
 
-fn http_url(field: &str, url: &str) -> Result<String, String> {
+fn http_url(field: &'static str, url: &str) -> Result<String, NotifyConfigError> {
     let url = url.trim().trim_end_matches('/');
     if url.starts_with("https://") || url.starts_with("http://") {
         Ok(url.to_string())
     } else {
-        Err(format!("{field}: `{url}` is not an http(s) URL"))
+        Err(NotifyConfigError::NotHttpUrl {
+            field,
+            url: url.to_string(),
+        })
     }
 }
 
@@ -250,9 +283,9 @@ pub fn resolve(
     teams: Option<TeamsSection>,
     webhooks: Vec<WebhookSection>,
     dir: &Path,
-) -> Result<NotifySettings, String> {
+) -> Result<NotifySettings, NotifyConfigError> {
     let slack = slack
-        .map(|s| -> Result<SlackSettings, String> {
+        .map(|s| -> Result<SlackSettings, NotifyConfigError> {
             let signing_secret = source(
                 "slack.signing_secret",
                 s.signing_secret_file,
@@ -260,23 +293,21 @@ pub fn resolve(
                 dir,
             )?;
             if s.interactivity_listen.is_some() && signing_secret.is_none() {
-                return Err(
-                    "slack.interactivity_listen: requests are authenticated by Slack's signature: set slack.signing_secret_file or slack.signing_secret_env".into(),
-                );
+                return Err(NotifyConfigError::InteractivityWithoutSigningSecret);
             }
             if s.default_channel.trim().is_empty() {
-                return Err("slack.default_channel: must name a channel id".into());
+                return Err(NotifyConfigError::NoDefaultChannel);
             }
             let mut seen = std::collections::HashSet::new();
             for user in &s.users {
                 if user.slack_user_id.trim().is_empty() || user.principal.trim().is_empty() {
-                    return Err("slack.users: slack_user_id and principal must not be empty".into());
+                    return Err(NotifyConfigError::EmptySlackUser);
                 }
-                crate::auth::credentials::normalize_groups(&user.groups, "slack.users.groups")?;
+                crate::auth::credentials::normalize_groups(&user.groups, "slack.users.groups")
+                    .map_err(NotifyConfigError::SlackUserGroups)?;
                 if !seen.insert(user.slack_user_id.as_str()) {
-                    return Err(format!(
-                        "slack.users: {} is listed twice",
-                        user.slack_user_id
+                    return Err(NotifyConfigError::SlackUserTwice(
+                        user.slack_user_id.clone(),
                     ));
                 }
             }
@@ -296,7 +327,7 @@ pub fn resolve(
         })
         .transpose()?;
     let teams = teams
-        .map(|t| -> Result<TeamsSettings, String> {
+        .map(|t| -> Result<TeamsSettings, NotifyConfigError> {
             Ok(TeamsSettings {
                 webhook_url: required(
                     "teams.webhook_url",
@@ -311,20 +342,17 @@ pub fn resolve(
     let mut names = std::collections::HashSet::new();
     let webhooks = webhooks
         .into_iter()
-        .map(|w| -> Result<WebhookSettings, String> {
+        .map(|w| -> Result<WebhookSettings, NotifyConfigError> {
             let valid_name = !w.name.is_empty()
                 && w.name.len() <= 64
                 && w.name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
             if !valid_name {
-                return Err(format!(
-                    "webhooks.name: `{}` must be 1 to 64 letters, digits, `-`, `_` or `.`",
-                    w.name
-                ));
+                return Err(NotifyConfigError::WebhookName(w.name));
             }
             if !names.insert(w.name.clone()) {
-                return Err(format!("webhooks.name: `{}` is used twice", w.name));
+                return Err(NotifyConfigError::WebhookNameTwice(w.name));
             }
             Ok(WebhookSettings {
                 url: http_url("webhooks.url", &w.url)?,
@@ -352,9 +380,12 @@ mod tests {
         webhooks: Vec<WebhookSection>,
     }
 
+    /// The file's text resolved; the error is what an operator would read, whether TOML
+    /// or [`resolve`] refused it.
     fn parse(text: &str) -> Result<NotifySettings, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         resolve(file.slack, file.teams, file.webhooks, Path::new("/etc/cs"))
+            .map_err(|e| e.to_string())
     }
 
     #[test]

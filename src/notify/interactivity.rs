@@ -217,7 +217,8 @@ impl Interactivity {
             groups: entry.groups.clone(),
             authenticated_by: format!("slack:{team}/{user}"),
         };
-        if let Err(message) = self.roles.authorize(SUBMIT_REVIEW, &principal) {
+        if let Err(denied) = self.roles.authorize(SUBMIT_REVIEW, &principal) {
+            let message = denied.to_string();
             self.deny(DeniedAs::PermissionDenied, peer, Some(principal), &message);
             return Err(Refused { message });
         }

@@ -39,10 +39,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{DenialReporter, Roles};
-use crate::config::TlsSettings;
 use crate::ledger::Ledger;
 use crate::ledger::follower::Progress;
 use crate::tls::TlsError;
+use crate::tls::TlsSettings;
 use config::{NotifySettings, Secret, SecretError, SlackSettings};
 
 /// One outbound request (connect, send, answer) must be done within this.

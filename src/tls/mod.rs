@@ -26,6 +26,17 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+use crate::auth::AuthSettings;
+
+/// The server's certificate and key: PEM files, paths already resolved (file paths against
+/// the config file's directory, flag paths against the working directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// PEM files larger than this are not certificates or keys; refused before they are read.
 pub const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
 /// A client that has not finished its handshake by then is disconnected, so half-open
@@ -287,9 +298,9 @@ fn expiry_warning(leaf: &CertificateDer<'_>) -> Option<String> {
 
 /// The configured client CA, when client certificates are on. Relative paths are relative
 /// to the config file, like every other path under `[auth]`.
-pub fn client_ca(auth: &crate::config::AuthSettings) -> Option<ClientCa> {
+pub fn client_ca(auth: &AuthSettings) -> Option<ClientCa> {
     match auth {
-        crate::config::AuthSettings::Credentials {
+        AuthSettings::Credentials {
             jwt,
             tokens,
             mtls: Some(mtls),

@@ -321,7 +321,6 @@ fn check_name(flag: &str, name: &str) -> Result<(), TrialError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{AuthSettings, ConfigFile, Overrides, resolve};
 
     fn options(dir: &Path) -> TrialOptions {
         TrialOptions {
@@ -332,45 +331,6 @@ mod tests {
             reviewer: "alice".into(),
             reviewer_groups: vec!["security".into()],
         }
-    }
-
-    #[test]
-    fn the_printed_config_loads_and_every_file_passes_the_server_checks() {
-        let dir = tempfile::tempdir().unwrap();
-        let trial = dir.path().join("trial \"certs\"");
-        let written = write(&options(&trial)).unwrap();
-        assert_eq!(written.files.len(), 8);
-
-        let config_path = dir.path().join("countersign.toml");
-        let file: ConfigFile = toml::from_str(&written.config).unwrap();
-        let config = resolve(Some((&config_path, file)), Overrides::default()).unwrap();
-        assert_eq!(config.auth.methods(), vec!["mtls"]);
-        let tls = config.tls.clone().unwrap();
-        let ca = crate::tls::client_ca(&config.auth).unwrap();
-        assert!(ca.required);
-        crate::tls::server_config(&tls.cert, &tls.key, Some(&ca)).unwrap();
-        let AuthSettings::Credentials {
-            mtls: Some(mtls), ..
-        } = &config.auth
-        else {
-            panic!("mtls expected: {:?}", config.auth);
-        };
-        crate::auth::MtlsAuthenticator::from_config(mtls).unwrap();
-
-        // The agent's certificate maps to the agent, and its key belongs to it.
-        let agent_pem = std::fs::read(trial.join("deployer.pem")).unwrap();
-        let chain = crate::tls::certificates("agent", &trial, &agent_pem).unwrap();
-        let key_pem = std::fs::read(trial.join("deployer-key.pem")).unwrap();
-        crate::tls::check_key_pair(("c", &trial), ("k", &trial), chain.clone(), &key_pem).unwrap();
-        let principal = crate::auth::MtlsAuthenticator::from_config(mtls)
-            .unwrap()
-            .verify(Some(&chain))
-            .unwrap();
-        assert_eq!(principal.id, "deployer");
-        assert_eq!(
-            principal.authenticated_by,
-            "mtls:spiffe://example.org/agent/deployer"
-        );
     }
 
     #[cfg(unix)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::events::PolicyEvaluated;
-use super::record::ActionStatus;
+use super::status::ActionStatus;
 use crate::domain::Effect;
 use crate::policy::Decision;
 

@@ -12,7 +12,8 @@ use super::events::{
     ActionApproved, ActionCancelled, ActionEvent, ActionExpired, ActionRejected, Outcome,
     OutcomeRefused, OutcomeReported, ReviewRefused, ReviewVoted, Verdict, kept_text,
 };
-use super::record::{ActionRecord, ActionStatus};
+use super::record::ActionRecord;
+use super::status::ActionStatus;
 use super::{DecisionTimes, after};
 use crate::domain::{Principal, PrincipalKind};
 

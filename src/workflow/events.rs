@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::record::ActionStatus;
+use super::status::ActionStatus;
 use crate::domain::{ActionRequest, CallerSpan, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
 

@@ -11,6 +11,7 @@ mod digest;
 mod events;
 pub mod record;
 pub mod refusals;
+mod status;
 
 pub(crate) use check::after;
 pub use check::{DecisionTimes, evaluate_check};
@@ -21,5 +22,6 @@ pub use events::{
     CutText, EventDecodeError, EventSummary, KEPT_TEXT_BYTES, Outcome, OutcomeRefused,
     OutcomeReported, PolicyEvaluated, Repeats, ReviewRefused, ReviewVoted, Verdict, kept_text,
 };
-pub use record::{ActionRecord, ActionStatus, Actions, ReportedOutcome, Vote};
+pub use record::{ActionRecord, Actions, ReportedOutcome, Vote};
 pub use refusals::{RefusalAggregator, Summary};
+pub use status::ActionStatus;

@@ -11,39 +11,9 @@ use uuid::Uuid;
 use super::events::{
     ActionEvent, ActionRequested, EventSummary, Outcome, PolicyEvaluated, Verdict,
 };
+use super::status::ActionStatus;
 use crate::domain::{ActionRequest, CallerSpan, OnBehalfOfSource, Principal};
 use crate::policy::Decision;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActionStatus {
-    Allowed,
-    Denied,
-    Pending,
-    Approved,
-    Rejected,
-    Expired,
-    Cancelled,
-}
-
-impl ActionStatus {
-    /// Final statuses never change again.
-    pub fn is_final(self) -> bool {
-        !matches!(self, ActionStatus::Pending)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActionStatus::Allowed => "allowed",
-            ActionStatus::Denied => "denied",
-            ActionStatus::Pending => "pending",
-            ActionStatus::Approved => "approved",
-            ActionStatus::Rejected => "rejected",
-            ActionStatus::Expired => "expired",
-            ActionStatus::Cancelled => "cancelled",
-        }
-    }
-}
 
 /// An accepted vote.
 #[derive(Debug, Clone, PartialEq)]
