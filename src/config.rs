@@ -885,23 +885,11 @@ mod tests {
         assert!(authenticator.is_ok(), "{authenticator:?}");
     }
 
-    /// What `countersign trial-certs` is given in the test below.
-    fn trial_options(dir: &Path) -> crate::tls::trial::TrialOptions {
-        crate::tls::trial::TrialOptions {
-            dir: dir.to_path_buf(),
-            trust_domain: "example.org".into(),
-            agent: "deployer".into(),
-            agent_groups: vec!["deployers".into()],
-            reviewer: "alice".into(),
-            reviewer_groups: vec!["security".into()],
-        }
-    }
-
     #[test]
     fn the_printed_config_loads_and_every_file_passes_the_server_checks() {
         let dir = tempfile::tempdir().unwrap();
         let trial = dir.path().join("trial \"certs\"");
-        let written = crate::tls::trial::write(&trial_options(&trial)).unwrap();
+        let written = crate::tls::trial::write(&crate::tls::trial::tests::options(&trial)).unwrap();
         assert_eq!(written.files.len(), 8);
 
         let config_path = dir.path().join("countersign.toml");

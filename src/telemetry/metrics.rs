@@ -393,42 +393,42 @@ fn otel_instruments(meter: &Meter, sources: &Arc<Sources>) -> OtelInstruments {
             }
         })
         .build();
-    let connections = sources.connections.clone();
-    meter
-        .u64_observable_counter("countersign.connections.refused")
-        .with_description("Connections refused by a listener, by reason (limit, descriptors)")
-        .with_callback(move |observer| {
-            for listener in LISTENERS {
-                for reason in Reason::REFUSED {
-                    observer.observe(
-                        connections.refused_total(listener, reason),
-                        &[
-                            KeyValue::new("listener", listener),
-                            KeyValue::new("reason", reason.as_str()),
-                        ],
-                    );
+    // Refused and closed connections: one counter each, by listener and reason.
+    let by_reason = |name: &'static str,
+                     description: &'static str,
+                     reasons: &'static [Reason],
+                     total: fn(&ConnectionStats, &'static str, Reason) -> u64| {
+        let connections = sources.connections.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_callback(move |observer| {
+                for listener in LISTENERS {
+                    for &reason in reasons {
+                        observer.observe(
+                            total(&connections, listener, reason),
+                            &[
+                                KeyValue::new("listener", listener),
+                                KeyValue::new("reason", reason.as_str()),
+                            ],
+                        );
+                    }
                 }
-            }
-        })
-        .build();
-    let connections = sources.connections.clone();
-    meter
-        .u64_observable_counter("countersign.connections.closed")
-        .with_description("Connections the server closed, by reason (first_request_timeout, idle)")
-        .with_callback(move |observer| {
-            for listener in LISTENERS {
-                for reason in Reason::CLOSED {
-                    observer.observe(
-                        connections.closed_total(listener, reason),
-                        &[
-                            KeyValue::new("listener", listener),
-                            KeyValue::new("reason", reason.as_str()),
-                        ],
-                    );
-                }
-            }
-        })
-        .build();
+            })
+            .build();
+    };
+    by_reason(
+        "countersign.connections.refused",
+        "Connections refused by a listener, by reason (limit, descriptors)",
+        &Reason::REFUSED,
+        ConnectionStats::refused_total,
+    );
+    by_reason(
+        "countersign.connections.closed",
+        "Connections the server closed, by reason (first_request_timeout, idle)",
+        &Reason::CLOSED,
+        ConnectionStats::closed_total,
+    );
     let lag_sources = sources.clone();
     meter
         .f64_observable_gauge("countersign.export.lag.age")

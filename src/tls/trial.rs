@@ -319,10 +319,11 @@ fn check_name(flag: &str, name: &str) -> Result<(), TrialError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn options(dir: &Path) -> TrialOptions {
+    /// Options for a trial in `dir`; also used by `config`'s test of the printed config.
+    pub(crate) fn options(dir: &Path) -> TrialOptions {
         TrialOptions {
             dir: dir.to_path_buf(),
             trust_domain: "example.org".into(),
